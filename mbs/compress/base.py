@@ -1,0 +1,45 @@
+"""The contract between the layer-wise engine and a compressor.
+
+The engine owns the model, the activations and device moves; a compressor only says what statistic it needs of a
+Linear module's inputs and how it edits that module's weight given the statistic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+class Statistic(Protocol):
+    """Accumulates what a compressor needs to know about a Linear module's inputs, always in fp32."""
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs, shaped [tokens, in_features] and already fp32."""
+
+    def merge(self, other: "Statistic") -> None:
+        """Add another statistic of the same module (e.g. of another language) into this one."""
+
+
+@dataclass
+class Compressor:
+    """Base of every compressor. Subclasses are dataclasses whose fields are their config (``conf/compressor/``)."""
+
+    needs_statistics: ClassVar[bool] = False
+
+    @property
+    def is_noop(self) -> bool:
+        """True when compress() would change no weight (the engine then skips the layer-wise pass)."""
+        return False
+
+    def check(self, name: str, module: nn.Linear) -> None:
+        """Raise on a module this compressor cannot handle; called for every module before any work starts."""
+
+    def new_statistic(self, module: nn.Linear) -> Statistic | None:
+        return None
+
+    def compress(self, name: str, module: nn.Linear, statistic: Statistic | None) -> dict[str, Any]:
+        """Edit ``module.weight`` in place (statistics may be shared by modules with one input: do not modify them);
+        return figures worth recording for this module."""
+        raise NotImplementedError

@@ -1,0 +1,249 @@
+"""The one sequential layer-wise engine every compressor plugs into.
+
+1. Capture: run the model's embedding stage once per calibration batch with every decoder layer replaced by a
+   pass-through, recording the first layer's input and each layer's keyword arguments (masks, rotary tables, alibi:
+   they differ between layers and depend on the batch).
+2. Per layer, on the compute device: forward hooks on its Linear modules accumulate the compressor's fp32 statistics
+   per language; Linear modules fed the same tensor (q/k/v, gate/up) share one statistic; the compressor edits the
+   weights; the layer is re-run so the next layer sees compressed outputs; the layer goes back to the offload device.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mbs.compress.base import Compressor, Statistic
+from mbs.data.calibration import CalibrationSet
+from mbs.models.adapter import Adapter
+
+log = logging.getLogger(__name__)
+
+# (layer index, input-group name, {language: statistic}) -> None; lets later stages keep per-language statistics.
+StatisticsObserver = Callable[[int, str, dict[str, Statistic]], None]
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"  # where each layer runs (cuda on a GPU machine)
+    offload_device: str = "cpu"  # where layers wait before and after their turn
+    batch_size: int = 8
+    per_language_statistics: bool = False  # keep one statistic per language (else one for all) for observers
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"engine.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class Captured:
+    """Layer-0 inputs per batch, each layer's kwargs per batch, and each batch's language."""
+
+    inputs: list[torch.Tensor]
+    layer_kwargs: list[list[dict[str, Any]]]  # [layer][batch]
+    languages: list[str]
+
+
+@dataclass
+class CompressionReport:
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def zeros(self) -> int:
+        return sum(m["zeros"] for layer in self.layers for m in layer["modules"].values())
+
+    @property
+    def params(self) -> int:
+        return sum(m["params"] for layer in self.layers for m in layer["modules"].values())
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.params if self.params else 0.0
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: torch.device | str) -> Captured:
+    """Record what every decoder layer is called with, without running any decoder layer."""
+    layers = adapter.layers
+    adapter.move_outer(device)
+    per_layer: list[list[dict[str, Any]]] = [[] for _ in layers]
+    inputs: list[torch.Tensor] = []
+
+    def passthrough(index: int):
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise RuntimeError(f"layer {index} got unexpected positional arguments; extend the model adapter")
+            if index == 0:
+                inputs.append(hidden_states)
+            per_layer[index].append(kwargs)
+            if index == len(layers) - 1:
+                raise _StopForward
+            return adapter.passthrough(hidden_states)
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = passthrough(i)
+    try:
+        for _, input_ids in batches:
+            try:
+                adapter.model(input_ids=input_ids.to(device), **adapter.embed_forward_kwargs())
+            except _StopForward:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    return Captured(inputs, per_layer, [lang for lang, _ in batches])
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, adapter: Adapter, inputs: list[torch.Tensor],
+              kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    return [adapter.unwrap(layer(x, **kw)) for x, kw in zip(inputs, kwargs)]
+
+
+@torch.no_grad()
+def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compressor, inputs: list[torch.Tensor],
+                       kwargs: list[dict[str, Any]], languages: list[str], per_language: bool
+                       ) -> tuple[dict[str, dict[str, Statistic]], dict[str, str]]:
+    """Forward every batch through ``layer`` and accumulate the compressor's statistic of each Linear's inputs.
+
+    Returns ({group leader: {language or "all": statistic}}, {module: its group leader}). Modules called with the very
+    same input tensor in a forward form one group and share the leader's statistic, so it is computed once.
+    """
+    linears = adapter.linears(layer)
+    stats: dict[str, dict[str, Statistic]] = {}
+    leader: dict[str, str] = {}
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # holds inputs alive during one forward, so ids are not reused
+    current = {"language": ""}
+
+    def hook(name: str):
+        def pre_hook(module: nn.Linear, args: tuple) -> None:
+            x = args[0]
+            hit = seen.get(id(x))
+            if hit is not None and hit[0] is x:
+                group = leader.setdefault(name, hit[1])
+                if group != hit[1]:
+                    raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
+                return
+            seen[id(x)] = (x, name)
+            if leader.setdefault(name, name) != name:
+                raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
+            by_language = stats.setdefault(name, {})
+            key = current["language"] if per_language else "all"
+            if key not in by_language:
+                by_language[key] = compressor.new_statistic(module)
+            by_language[key].update(x.reshape(-1, x.shape[-1]).float())
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for x, kw, language in zip(inputs, kwargs, languages):
+            current["language"] = language
+            layer(x, **kw)
+            seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, leader
+
+
+def merged(by_language: dict[str, Statistic]) -> Statistic:
+    """One statistic over all languages (the first one absorbs the others; it is not used per language after)."""
+    values = list(by_language.values())
+    if len(values) == 1:
+        return values[0]
+    total = values[0]
+    for other in values[1:]:
+        total.merge(other)
+    return total
+
+
+def _module_figures(module: nn.Linear) -> dict[str, Any]:
+    w = module.weight
+    zeros = int((w == 0).sum())
+    return {"zeros": zeros, "params": w.numel(), "sparsity": zeros / w.numel()}
+
+
+@torch.no_grad()
+def compress_model(model: nn.Module, compressor: Compressor, calibration: CalibrationSet, config: EngineConfig,
+                   observer: StatisticsObserver | None = None, progress: bool = True) -> CompressionReport:
+    """Compress every decoder layer in place, in order, each on the calibration data as the compressed earlier
+    layers transform it. Embeddings and the LM head are never touched."""
+    adapter = Adapter(model)
+    layers = adapter.layers
+    for i, layer in enumerate(layers):
+        for name, module in adapter.linears(layer).items():
+            compressor.check(f"layer {i} {name}", module)
+    start = time.perf_counter()
+    report = CompressionReport()
+    if compressor.is_noop:
+        report.layers = [{"index": i, "seconds": 0.0, "modules": {n: _module_figures(m) for n, m in
+                          adapter.linears(layer).items()}} for i, layer in enumerate(layers)]
+        return report
+
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # statistics and Hessians need full fp32 precision
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(config.device)
+    try:
+        captured = None
+        if compressor.needs_statistics:
+            captured = capture(adapter, calibration.batches(config.batch_size), device)
+        iterator = enumerate(layers)
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, total=len(layers), desc=f"compress ({type(compressor).__name__})", leave=False)
+        for i, layer in iterator:
+            t0 = time.perf_counter()
+            layer.to(device)
+            linears = adapter.linears(layer)
+            stats, leader = {}, {}
+            if captured is not None:
+                stats, leader = collect_statistics(layer, adapter, compressor, captured.inputs,
+                                                   captured.layer_kwargs[i], captured.languages,
+                                                   config.per_language_statistics)
+                if observer is not None:
+                    for group, by_language in stats.items():
+                        observer(i, group, by_language)
+                totals = {group: merged(by_language) for group, by_language in stats.items()}
+            modules = {}
+            for name, module in linears.items():
+                statistic = totals[leader[name]] if captured is not None else None
+                extra = compressor.compress(f"layer {i} {name}", module, statistic)
+                modules[name] = {**_module_figures(module), **extra}
+            del stats
+            if captured is not None and i + 1 < len(layers):
+                captured.inputs = run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
+            layer.to(config.offload_device)
+            report.layers.append({"index": i, "seconds": time.perf_counter() - t0, "modules": modules,
+                                  "shared_inputs": {n: g for n, g in leader.items() if n != g}})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        adapter.move_outer(config.offload_device)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,90 @@
+"""Structured configs: every Hydra group option extends a schema registered here, so a misspelt key or a value of
+the wrong type fails at composition, and building the objects (``OmegaConf.to_object``) runs each class's checks
+before the model is loaded."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mbs.compress.engine import EngineConfig
+from mbs.compress.pruning import Dense, Magnitude, Wanda
+from mbs.data.corpora import UDHRCorpus
+from mbs.data.languages import PAPER_LANGUAGES, check_languages
+from mbs.data.sampling import CountsSampler, MonolingualSampler, ProportionalSampler, UniformSampler
+from mbs.models.spec import ModelSpec
+from mbs.record.loggers import NoLogger, WandbLogger
+
+
+@dataclass
+class EvalConfig:
+    languages: list[str] = field(default_factory=lambda: list(PAPER_LANGUAGES))
+    corpus: Any = None  # None: the calibration corpus (its evaluation split)
+    batch_size: int = 8
+    chunk_tokens: int = 1024  # tokens per logits chunk in the loss
+    max_windows: int = 0  # per language; 0 = all
+    dense: bool = True  # also evaluate the dense model (for ratios)
+
+    def __post_init__(self) -> None:
+        check_languages(self.languages, "eval.languages")
+        if not self.languages:
+            raise ValueError("eval.languages is empty; give at least one language")
+        if self.batch_size < 1 or self.chunk_tokens < 1 or self.max_windows < 0:
+            raise ValueError("eval.batch_size and eval.chunk_tokens must be >= 1 and eval.max_windows >= 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelSpec = MISSING
+    data: Any = MISSING
+    sampler: Any = MISSING
+    compressor: Any = MISSING
+    eval: EvalConfig = MISSING
+    logger: Any = MISSING
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    seed: int = 0
+    progress: bool = True
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"model_schema": ModelSpec},
+    "data": {"udhr_schema": UDHRCorpus},
+    "sampler": {"proportional_schema": ProportionalSampler, "uniform_schema": UniformSampler,
+                "counts_schema": CountsSampler, "monolingual_schema": MonolingualSampler},
+    "compressor": {"dense_schema": Dense, "magnitude_schema": Magnitude, "wanda_schema": Wanda},
+    "eval": {"eval_schema": EvalConfig},
+    "logger": {"wandb_schema": WandbLogger, "none_schema": NoLogger},
+}
+
+
+def register(store: ConfigStore | None = None) -> None:
+    """Register the top-level schema and each group's schemas (idempotent)."""
+    store = store or ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=group, name=name, node=node)
+
+
+@dataclass
+class Run:
+    """The objects a run is made of, built and checked from the composed config."""
+
+    model: ModelSpec
+    data: Any
+    sampler: Any
+    compressor: Any
+    eval: EvalConfig
+    logger: Any
+    engine: EngineConfig
+    seed: int
+    progress: bool
+
+
+def build(cfg: DictConfig) -> Run:
+    """Turn the composed config into checked objects; every ValueError raised here names the bad value."""
+    parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
+             for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine")}
+    return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress))

@@ -1,0 +1,96 @@
+"""Token windows: seeded random calibration segments and non-overlapping evaluation windows, per language."""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from mbs.data.corpora import Corpus
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """The documents of one language and split as one 1-D stream of token ids (no special tokens)."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _prefix(tokenizer, prepend_bos: bool) -> list[int]:
+    if not prepend_bos:
+        return []
+    if tokenizer.bos_token_id is None:
+        raise ValueError("model.prepend_bos=true but the tokenizer has no BOS token")
+    return [tokenizer.bos_token_id]
+
+
+def language_seed(seed: int, language: str) -> int:
+    """A per-language seed: adding or removing a language does not move the others' windows."""
+    return (seed * 1_000_003 + zlib.crc32(language.encode())) % (2**63)
+
+
+def sample_segments(stream: torch.Tensor, count: int, seqlen: int, seed: int, prefix: list[int]) -> torch.Tensor:
+    """``count`` windows of ``seqlen`` tokens (prefix included) starting at seeded random offsets of the stream."""
+    body = seqlen - len(prefix)
+    if count == 0:
+        return torch.empty(0, seqlen, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - body + 1, (count,), generator=generator)
+    windows = torch.stack([stream[s : s + body] for s in starts.tolist()])
+    if prefix:
+        windows = torch.cat([torch.tensor(prefix).expand(count, -1), windows], dim=1)
+    return windows
+
+
+def eval_windows(stream: torch.Tensor, seqlen: int, prefix: list[int], max_windows: int | None = None) -> list[torch.Tensor]:
+    """Consecutive non-overlapping windows; the last one may be shorter (kept, so every token is scored once)."""
+    body = seqlen - len(prefix)
+    chunks = [stream[i : i + body] for i in range(0, stream.numel(), body)]
+    chunks = [c for c in chunks if c.numel() + len(prefix) >= 2]
+    if max_windows:
+        chunks = chunks[:max_windows]
+    return [torch.cat([torch.tensor(prefix, dtype=torch.long), c]) for c in chunks]
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration segments per language, each a [n, seqlen] tensor; the engine batches within a language so its
+    statistics stay addressable by language."""
+
+    segments: dict[str, torch.Tensor]
+
+    @property
+    def total(self) -> int:
+        return sum(t.shape[0] for t in self.segments.values())
+
+    def batches(self, batch_size: int) -> list[tuple[str, torch.Tensor]]:
+        return [(lang, t[i : i + batch_size]) for lang, t in self.segments.items() if t.numel()
+                for i in range(0, t.shape[0], batch_size)]
+
+
+def build_calibration(tokenizer, corpus: Corpus, counts: Mapping[str, int], seqlen: int, seed: int,
+                      prepend_bos: bool, split: str = "calibration") -> CalibrationSet:
+    prefix = _prefix(tokenizer, prepend_bos)
+    segments = {}
+    for language, count in counts.items():
+        stream = token_stream(tokenizer, corpus.texts(language, split))
+        need = seqlen - len(prefix)
+        if count and stream.numel() < need:
+            raise ValueError(
+                f"language {language!r} has {stream.numel()} tokens of {split} text in corpus {corpus.name!r}, fewer "
+                f"than one segment of {need}; lower model.seqlen or drop the language"
+            )
+        segments[language] = sample_segments(stream, count, seqlen, language_seed(seed, language), prefix)
+    return CalibrationSet(segments)
+
+
+def build_eval_windows(tokenizer, corpus: Corpus, languages: list[str], seqlen: int, prepend_bos: bool,
+                       split: str = "evaluation", max_windows: int | None = None) -> dict[str, list[torch.Tensor]]:
+    prefix = _prefix(tokenizer, prepend_bos)
+    windows = {}
+    for language in languages:
+        windows[language] = eval_windows(token_stream(tokenizer, corpus.texts(language, split)), seqlen, prefix,
+                                         max_windows)
+        if not windows[language]:
+            raise ValueError(f"language {language!r} has no {split} text in corpus {corpus.name!r}")
+    return windows

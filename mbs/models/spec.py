@@ -1,0 +1,48 @@
+"""What a model config holds: where the weights come from, how to run them, and what languages they were trained on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SOURCES = ("gguf_package", "hub", "tiny")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSpec:
+    name: str = "gemma3-270m"
+    # gguf_package: a PyPI package that assembles a GGUF file (offline default); hub: a hub id or a local directory;
+    # tiny: a randomly initialised model built from a transformers config (tests, smoke runs).
+    source: str = "hub"
+    path: str = ""  # hub id or local directory (source=hub)
+    revision: str | None = None
+    gguf_package: str | None = None  # importable module name with assemble() (source=gguf_package)
+    gguf_file: str | None = None
+    tiny_arch: str | None = None  # bloom | llama | gemma3 (source=tiny)
+    tiny_config: dict[str, Any] = field(default_factory=dict)  # overrides of the tiny transformers config
+    dtype: str = "bfloat16"
+    seqlen: int = 2048
+    # Prepend the tokenizer's BOS token to every window (Gemma and Llama are trained so; BLOOM is not).
+    prepend_bos: bool = False
+    cache_dir: str = "~/.cache/mbs"  # assembled/converted weights and tiny tokenizers live here
+    # Training-language distribution (percent or any positive scale; samplers renormalise) and where it comes from.
+    distribution: dict[str, float] = field(default_factory=dict)
+    distribution_source: str = ""
+    distribution_is_proxy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"model.source={self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.seqlen < 8:
+            raise ValueError(f"model.seqlen={self.seqlen} must be >= 8")
+        if self.source == "hub" and not self.path:
+            raise ValueError(f"model {self.name!r}: source=hub needs model.path (a hub id or a local directory)")
+        if self.source == "gguf_package" and not (self.gguf_package and self.gguf_file):
+            raise ValueError(f"model {self.name!r}: source=gguf_package needs model.gguf_package and model.gguf_file")
+        if self.source == "tiny" and self.tiny_arch not in ("bloom", "llama", "gemma3"):
+            raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of bloom, llama, gemma3")
+        bad = {k: v for k, v in self.distribution.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"model.distribution has negative or missing shares: {bad}")

@@ -1,0 +1,78 @@
+"""The results of one run: a schema, atomic writes, and the per-language table."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("language", "share", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file in the same directory and rename, so a reader never sees half a file and an
+    interrupted run never corrupts an earlier result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def language_rows(shares: dict[str, float], dense: dict[str, Any], compressed: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for language, d in dense.items():
+        c = compressed[language]
+        rows.append({
+            "language": language,
+            "share": shares.get(language, 0.0),
+            "dense_ppl": d.perplexity,
+            "compressed_ppl": c.perplexity,
+            "ratio": c.perplexity / d.perplexity,
+            "log_ratio": c.mean_nll - d.mean_nll,
+            "tokens": d.tokens,
+        })
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    logs = sorted(r["log_ratio"] for r in rows)
+    mid = len(logs) // 2
+    median = logs[mid] if len(logs) % 2 else (logs[mid - 1] + logs[mid]) / 2
+    return {"mean_log_ratio": sum(logs) / len(logs), "median_log_ratio": median,
+            "mean_ratio": math.exp(sum(logs) / len(logs)), "worst_ratio": math.exp(logs[-1])}
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| language | share % | dense ppl | compressed ppl | ratio | tokens |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['language']} | {100 * r['share']:.3f} | {r['dense_ppl']:.2f} | {r['compressed_ppl']:.2f} | "
+                     f"{r['ratio']:.3f} | {r['tokens']} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+    return out.getvalue()
+
+
+def write_results(directory: Path, results: dict[str, Any]) -> None:
+    directory = Path(directory)
+    atomic_write(directory / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write(directory / "results.csv", to_csv(results["languages"]))
+    atomic_write(directory / "results.md", to_markdown(results["languages"]))

@@ -1,0 +1,33 @@
+"""MBS entry point: `python run.py model=bloom-3b sampler=mbs compressor=wanda` (see README.md)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mbs.config import register
+
+register()
+log = logging.getLogger("mbs")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from mbs.pipeline import UserError, format_table, run
+
+    try:
+        results = run(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as err:  # bad input, caught before the model loads: one line, no traceback
+        print(f"mbs: error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise
+        sys.exit(2)
+    print(format_table(results))
+    return results["summary"]["mean_log_ratio"]
+
+
+if __name__ == "__main__":
+    main()

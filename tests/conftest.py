@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCHS = ("bloom", "llama", "gemma3")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mbs_cache(tmp_path_factory):
+    """Tiny tokenizers are built into a per-session cache, never into the user's."""
+    path = tmp_path_factory.mktemp("mbs-cache")
+    os.environ["MBS_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(mbs_cache):
+    from mbs.models.tiny import tiny_tokenizer
+
+    return tiny_tokenizer(mbs_cache)
+
+
+def tiny(arch: str, seed: int = 0):
+    from mbs.models.tiny import tiny_model
+
+    return tiny_model(arch, {}, seed=seed).eval().requires_grad_(False)
+
+
+def calibration(tokenizer, counts=None, seqlen=32, seed=0, bos=True):
+    from mbs.data.calibration import build_calibration
+    from mbs.data.corpora import UDHRCorpus
+
+    return build_calibration(tokenizer, UDHRCorpus(), counts or {"en": 3, "sw": 2, "fr": 3}, seqlen, seed, bos)
