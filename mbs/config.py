@@ -23,7 +23,7 @@ class EvalConfig:
     languages: list[str] = field(default_factory=lambda: list(PAPER_LANGUAGES))
     corpus: Any = None  # None: the calibration corpus (its evaluation split)
     batch_size: int = 8
-    chunk_tokens: int = 1024  # tokens per logits chunk in the loss
+    chunk_tokens: int = 256  # tokens per fp32 logits chunk in the loss
     max_windows: int = 0  # per language; 0 = all
     dense: bool = True  # also evaluate the dense model (for ratios)
 

@@ -1,0 +1,89 @@
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from mbs.config import build, register
+from mbs.pipeline import plan
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "data", "sampler", "compressor", "eval", "logger")
+
+register()
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_run(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_builds(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "sampler" and option == "counts":
+        overrides.append("++sampler.per_language={en: 4, sw: 4}")
+    cfg = compose_run(*overrides)
+    run = build(cfg)
+    assert run.model.distribution, "every model states its training-language distribution (or a proxy)"
+    if group != "model":
+        assert plan(run)
+
+
+def test_distributions_state_their_source():
+    for option in options("model"):
+        model = build(compose_run(f"model={option}")).model
+        assert model.distribution_source
+        if model.name.startswith("bloom"):
+            assert not model.distribution_is_proxy and model.distribution["en"] == 30.04
+        else:
+            assert model.distribution_is_proxy and "PROXY" in model.distribution_source
+
+
+@pytest.mark.parametrize("override", [
+    "compressor.sparsty=0.5",  # misspelt key
+    "compressor.sparsity=half",  # wrong type
+    "model.seqlen=long",
+    "eval.batchsize=4",
+    "model=no-such-model",
+    "compressor=no-such-method",
+])
+def test_bad_override_fails_at_composition(override):
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException, HydraException)):
+        compose_run(override)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.languages=[en,xx]"], "unknown language code 'xx'; known codes: "),
+    (["eval.languages=[en,ki]"], "has no text for ki; it has: "),
+    (["sampler=monolingual", "sampler.language=tum"], "has no text for tum"),
+    (["compressor.sparsity=1.0"], "compressor.sparsity=1.0 is outside [0, 1)"),
+    (["compressor.sparsity=-0.1"], "outside [0, 1)"),
+    (["compressor.n=1", "compressor.m=4"], "ratio 0.25; allowed: 0.5"),
+    (["compressor.n=4", "compressor.m=4"], "needs 0 < N < M"),
+    (["sampler.segments=10"], "10 segments cannot give 20 languages at least 1 each"),
+    (["sampler=counts", "++sampler.per_language={en: 0, sw: 0}"], "positive sum"),
+    (["sampler=uniform", "sampler.languages=[en,sw]", "model.distribution.sw=0"], None),
+    (["model.dtype=float8"], "model.dtype='float8' is not one of"),
+    (["engine.device=cuda:0"], "no CUDA device"),
+])
+def test_bad_values_fail_before_the_model_loads(overrides, message):
+    cfg = compose_run(*overrides)
+    if message is None:  # a control: this one is fine
+        plan(build(cfg))
+        return
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        plan(build(cfg))
+    assert "\n" not in str(err.value)
+
+
+def test_zero_sum_distribution_is_refused():
+    cfg = compose_run("sampler.languages=[sw,yo]", "model.distribution={sw: 0, yo: 0}")
+    with pytest.raises(ValueError, match="sum to zero over sw, yo"):
+        plan(build(cfg))

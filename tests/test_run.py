@@ -1,0 +1,58 @@
+"""`python run.py` end to end on tiny models, as a user runs it."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_py(tmp_path, *overrides, check=True):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path}", "progress=false", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("arch, compressor", [("gemma3", "wanda"), ("bloom", "magnitude"), ("llama", "dense")])
+def test_run_end_to_end(tmp_path, arch, compressor):
+    proc = run_py(tmp_path, f"model=tiny-{arch}", f"compressor={compressor}", "logger=none", "sampler.segments=40",
+                  "eval.languages=[en,sw,zh-Hans,yo]")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["language"] for r in results["languages"]] == ["en", "sw", "zh-Hans", "yo"]
+    assert sum(results["calibration"]["segments"].values()) == 40
+    expected = {"wanda": 0.5, "magnitude": 0.5, "dense": 0.0}[compressor]
+    assert results["compression"]["sparsity"] == pytest.approx(expected, abs=0.01)
+    for row in results["languages"]:
+        assert row["ratio"] == pytest.approx(row["compressed_ppl"] / row["dense_ppl"])
+        if compressor == "dense":
+            assert row["ratio"] == 1.0
+    assert (tmp_path / "results.csv").read_text().startswith("language,share,dense_ppl")
+    assert "| en |" in (tmp_path / "results.md").read_text()
+    assert "| en |" in proc.stdout  # the table is printed at the end
+
+
+def test_wandb_offline_run_holds_the_language_table(tmp_path):
+    run_py(tmp_path, "model=tiny-llama", "logger=wandb", "logger.mode=offline", "sampler.segments=20",
+           "eval.languages=[en,sw]")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = list(runs[0].glob("*.wandb"))
+    assert files and files[0].stat().st_size > 0
+    blob = files[0].read_bytes()
+    assert b"languages" in blob and b"ppl_ratio/sw" in blob
+
+
+def test_bad_input_is_one_line_and_leaves_results_alone(tmp_path):
+    run_py(tmp_path, "model=tiny-llama", "logger=none", "sampler.segments=20", "eval.languages=[en,sw]")
+    before = (tmp_path / "results.json").read_bytes()
+    proc = run_py(tmp_path, "model=tiny-llama", "logger=none", "eval.languages=[en,xx]", check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == [errors[0]] and errors[0].startswith("mbs: error: unknown language code 'xx'")
+    assert (tmp_path / "results.json").read_bytes() == before
