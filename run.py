@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,6 +13,28 @@ from mbs.config import register
 
 register()
 log = logging.getLogger("mbs")
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def check_choices(args: list[str]) -> None:
+    """A one-line error for an unknown group option (``model=nope``) instead of Hydra's multi-line one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # let Hydra report syntax errors itself
+        return
+    for override in overrides:
+        group = CONF / override.key_or_group
+        if override.is_add() or override.is_delete() or not group.is_dir() or override.key_or_group.startswith("hydra"):
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        known = sorted(p.stem for p in group.glob("*.yaml"))
+        for value in values:
+            if str(value) not in known:
+                print(f"mbs: error: unknown {override.key_or_group} {value!r}; available: {', '.join(known)}",
+                      file=sys.stderr)
+                sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -30,4 +53,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_choices(sys.argv[1:])
     main()

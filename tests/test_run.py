@@ -56,3 +56,14 @@ def test_bad_input_is_one_line_and_leaves_results_alone(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert errors == [errors[0]] and errors[0].startswith("mbs: error: unknown language code 'xx'")
     assert (tmp_path / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model=bloom-9000", "mbs: error: unknown model 'bloom-9000'; available: bloom-1b1, "),
+    ("compressor=wanda,obs", "mbs: error: unknown compressor 'obs'; available: dense, "),
+])
+def test_unknown_option_is_one_line(tmp_path, override, message):
+    args = ["--multirun", override] if "," in override else [override]
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
