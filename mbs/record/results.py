@@ -56,7 +56,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| language | share % | dense ppl | compressed ppl | ratio | tokens |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| language | train share % (over these languages) | dense ppl | compressed ppl | ratio | tokens |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['language']} | {100 * r['share']:.3f} | {r['dense_ppl']:.2f} | {r['compressed_ppl']:.2f} | "
                      f"{r['ratio']:.3f} | {r['tokens']} |")
