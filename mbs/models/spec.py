@@ -49,7 +49,8 @@ class ModelSpec:
         if self.source == "tiny" and self.tiny_arch not in ("bloom", "llama", "gemma3"):
             raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of bloom, llama, gemma3")
         if self.distribution_tsv and self.distribution_estimate:
-            raise ValueError("give model.distribution_tsv or model.distribution_estimate=true, not both")
+            raise ValueError("give model.distribution_tsv or model.distribution_estimate=true, not both "
+                             "(with a TSV on an estimated model add model.distribution_estimate=false)")
         if self.distribution_tsv:
             from mbs.data.distributions import read_tsv
 
