@@ -84,20 +84,24 @@ class HubCorpus:
                 chars += len(text)
                 if chars >= self.max_chars:
                     break
-        except FileNotFoundError as err:
-            if url.startswith("hf://"):
-                raise ValueError(unreachable_message(self.name, url, err)) from err
-            raise ValueError(f"{self.name}: no files match data.data_files={url!r} for {language!r} ({split})") from err
         except Exception as err:
-            if type(err).__name__ == "ArrowInvalid" and "FieldRef" in str(err):
-                raise ValueError(f"{self.name}: {url} has no column {self.text_field!r} "
-                                 f"({str(err).splitlines()[0]}); set data.text_field") from err
-            if _is_network_error(err):
-                raise ValueError(unreachable_message(self.name, url, err)) from err
-            raise
+            raise self._explain(err, url, language, split) from err
         if not texts:
             raise ValueError(f"{self.name}: no {split} text for {language!r} in {url} (rows {start}..)")
         return texts
+
+    def _explain(self, err: Exception, url: str, language: str, split: str) -> Exception:
+        """A one-line ValueError for what a user can fix (hub unreachable, no files, wrong field); else ``err``."""
+        text = str(err)
+        if type(err).__name__ == "ArrowInvalid" and "FieldRef" in text:
+            return ValueError(f"{self.name}: {url} has no column {self.text_field!r} ({text.splitlines()[0]}); "
+                              f"set data.text_field")
+        if _is_network_error(err):
+            return ValueError(unreachable_message(self.name, url, err))
+        if isinstance(err, FileNotFoundError) or (isinstance(err, ValueError) and "valid data file" in text):
+            return ValueError(f"{self.name}: no files match data.data_files={url!r} for {language!r} ({split}); "
+                              f"if the hub's layout changed, set data.data_files to the new pattern")
+        return err
 
     def _rows(self, url: str, language: str, split: str) -> Iterator[dict]:
         from datasets import load_dataset
