@@ -146,6 +146,15 @@ def test_unreachable_hub_says_how_to_run_offline(monkeypatch):
     with pytest.raises(ValueError, match="hub is unreachable"):
         corpus.texts("sw", "calibration")
 
+    ConnectError = type("ConnectError", (Exception,), {"__module__": "httpx"})  # not an OSError, as httpx raises it
+
+    def no_dns(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_dns)
+    with pytest.raises(ValueError, match="ConnectError: .*Name or service not known.*hub is unreachable"):
+        corpus.texts("sw", "calibration")
+
 
 def test_local_corpus_layouts(tmp_path):
     (tmp_path / "one").mkdir()

@@ -21,8 +21,14 @@ from mbs.data.languages import SOURCE_COLUMNS, codes_in, source_code
 _NETWORK_MODULES = ("httpx", "httpcore", "requests", "urllib3", "aiohttp", "huggingface_hub", "fsspec")
 
 
-def _is_network_error(err: BaseException) -> bool:
-    return isinstance(err, (ConnectionError, TimeoutError)) or type(err).__module__.split(".")[0] in _NETWORK_MODULES
+def _is_network_error(err: BaseException | None) -> bool:
+    """Connection failures, whichever HTTP stack raised them (httpx, requests, aiohttp via fsspec, huggingface_hub)."""
+    while err is not None:
+        if isinstance(err, (ConnectionError, TimeoutError)) or any(
+                cls.__module__.startswith(_NETWORK_MODULES) for cls in type(err).__mro__):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def unreachable_message(source: str, url: str, err: BaseException) -> str:
@@ -31,7 +37,8 @@ def unreachable_message(source: str, url: str, err: BaseException) -> str:
     return (f"could not stream {source} from {url} ({type(err).__name__}: {detail}): the Hugging Face hub is "
             f"unreachable or HF_HUB_OFFLINE=1 is set; run on local files with `data=local data.path=DIR` (DIR holding "
             f"<lang>.txt|.jsonl|.parquet, optionally in calibration/ and evaluation/), or download the parquet files "
-            f"(`huggingface-cli download --repo-type dataset ...`) and point data.data_files at the local copy")
+            f"(`huggingface-cli download --repo-type dataset ...`) and point data.data_files at the local copy; "
+            f"token streams already in $MBS_CACHE need no hub")
 
 
 @dataclass
