@@ -304,5 +304,5 @@ def test_local_and_done_when_commands_compose(tmp_path):
     assert isinstance(run.data, LocalCorpus)
     run = mbs.config.build(composed("data=cc100", "eval=xlsum", "model=bloom-560m", "engine.device=cuda"))
     assert run.data.name == "cc100" and run.eval.corpus.name == "xlsum" and run.model.path == "bigscience/bloom-560m"
-    with pytest.raises(Exception, match="path"):
+    with pytest.raises(ValueError, match="data=local needs data.path=DIR"):
         mbs.config.build(composed("data=local"))  # path is required
