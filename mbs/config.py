@@ -12,8 +12,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from mbs.compress.engine import EngineConfig
 from mbs.compress.pruning import Dense, Magnitude, Wanda
 from mbs.data.corpora import UDHRCorpus
+from mbs.data.hub import HubCorpus
+from mbs.data.local import LocalCorpus
 from mbs.data.languages import PAPER_LANGUAGES, check_languages
-from mbs.data.sampling import CountsSampler, MonolingualSampler, ProportionalSampler, UniformSampler
+from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
+                               UniformSampler)
 from mbs.models.spec import ModelSpec
 from mbs.record.loggers import NoLogger, WandbLogger
 
@@ -50,8 +53,9 @@ class RunConfig:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"model_schema": ModelSpec},
-    "data": {"udhr_schema": UDHRCorpus},
+    "data": {"udhr_schema": UDHRCorpus, "hub_schema": HubCorpus, "local_schema": LocalCorpus},
     "sampler": {"proportional_schema": ProportionalSampler, "uniform_schema": UniformSampler,
+                "temperature_schema": TemperatureSampler,
                 "counts_schema": CountsSampler, "monolingual_schema": MonolingualSampler},
     "compressor": {"dense_schema": Dense, "magnitude_schema": Magnitude, "wanda_schema": Wanda},
     "eval": {"eval_schema": EvalConfig},

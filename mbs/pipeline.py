@@ -15,10 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from mbs.compress.engine import compress_model
 from mbs.config import Run, build
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
+from mbs.data.cache import TokenCache
 from mbs.data.corpora import check_available
+from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import renormalise
 from mbs.evaluate.perplexity import evaluate_languages
-from mbs.models.loading import load_model, load_tokenizer
+from mbs.models.loading import cache_root, load_model, load_tokenizer
 from mbs.record.results import language_rows, summary, to_markdown, write_results
 
 log = logging.getLogger(__name__)
@@ -62,14 +64,21 @@ def prepare(cfg: DictConfig) -> Prepared:
     """Everything that depends on user input and not on the weights: config objects, counts, tokenized data."""
     try:
         run = build(cfg)
+        spec = run.model
+        t0 = time.perf_counter()
+        tokenizer = None
+        if spec.distribution_estimate:  # shares from the tokenizer, before anything needs them
+            tokenizer = load_tokenizer(spec)
+            spec.distribution = estimate_from_tokenizer(tokenizer, spec.estimate_sharpness)
+            log.info("ESTIMATED language distribution (%s): %s", spec.distribution_source, spec.distribution)
         counts = plan(run)
         seed_everything(run.seed)
-        t0 = time.perf_counter()
-        spec = run.model
-        tokenizer = load_tokenizer(spec)
-        calibration = build_calibration(tokenizer, run.data, counts, spec.seqlen, run.seed, spec.prepend_bos)
+        tokenizer = tokenizer or load_tokenizer(spec)
+        cache = TokenCache(cache_root(spec) / "tokens")
+        calibration = build_calibration(tokenizer, run.data, counts, spec.seqlen, run.seed, spec.prepend_bos,
+                                        cache=cache)
         windows = build_eval_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, spec.seqlen,
-                                     spec.prepend_bos, max_windows=run.eval.max_windows or None)
+                                     spec.prepend_bos, max_windows=run.eval.max_windows or None, cache=cache)
     except ValueError as err:
         raise UserError(str(err)) from err
     log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)

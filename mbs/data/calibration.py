@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mbs.data.cache import TokenCache, stream_key
 from mbs.data.corpora import Corpus
 
 
@@ -14,6 +15,19 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """The documents of one language and split as one 1-D stream of token ids (no special tokens)."""
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def language_stream(tokenizer, corpus: Corpus, language: str, split: str,
+                    cache: TokenCache | None = None) -> torch.Tensor:
+    """The token stream of one language and split, from the cache when it holds one (no reading, no tokenizing)."""
+    if cache is None:
+        return token_stream(tokenizer, corpus.texts(language, split))
+    key = stream_key(tokenizer, corpus, language, split)
+    stream = cache.load(key)
+    if stream is None:
+        stream = token_stream(tokenizer, corpus.texts(language, split))
+        cache.save(key, stream, {"corpus": corpus.name, "language": language, "split": split})
+    return stream
 
 
 def _prefix(tokenizer, prepend_bos: bool) -> list[int]:
@@ -69,11 +83,11 @@ class CalibrationSet:
 
 
 def build_calibration(tokenizer, corpus: Corpus, counts: Mapping[str, int], seqlen: int, seed: int,
-                      prepend_bos: bool, split: str = "calibration") -> CalibrationSet:
+                      prepend_bos: bool, split: str = "calibration", cache: TokenCache | None = None) -> CalibrationSet:
     prefix = _prefix(tokenizer, prepend_bos)
     segments = {}
     for language, count in counts.items():
-        stream = token_stream(tokenizer, corpus.texts(language, split))
+        stream = language_stream(tokenizer, corpus, language, split, cache)
         need = seqlen - len(prefix)
         if count and stream.numel() < need:
             raise ValueError(
@@ -85,11 +99,12 @@ def build_calibration(tokenizer, corpus: Corpus, counts: Mapping[str, int], seql
 
 
 def build_eval_windows(tokenizer, corpus: Corpus, languages: list[str], seqlen: int, prepend_bos: bool,
-                       split: str = "evaluation", max_windows: int | None = None) -> dict[str, list[torch.Tensor]]:
+                       split: str = "evaluation", max_windows: int | None = None,
+                       cache: TokenCache | None = None) -> dict[str, list[torch.Tensor]]:
     prefix = _prefix(tokenizer, prepend_bos)
     windows = {}
     for language in languages:
-        windows[language] = eval_windows(token_stream(tokenizer, corpus.texts(language, split)), seqlen, prefix,
+        windows[language] = eval_windows(language_stream(tokenizer, corpus, language, split, cache), seqlen, prefix,
                                          max_windows)
         if not windows[language]:
             raise ValueError(f"language {language!r} has no {split} text in corpus {corpus.name!r}")

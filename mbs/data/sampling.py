@@ -93,6 +93,20 @@ class ProportionalSampler(Sampler):
 
 
 @dataclass
+class TemperatureSampler(ProportionalSampler):
+    """``temperature``: shares^alpha, renormalised by allocate() (XLM-R and mT5 sample languages with alpha=0.3).
+
+    alpha=1 is ``mbs`` (proportional), alpha=0 is ``uniform``; values in between lift low-resource languages."""
+
+    alpha: float = 0.3
+
+    def weights(self, distribution: Mapping[str, float]) -> dict[str, float]:
+        if not (math.isfinite(self.alpha) and 0 <= self.alpha <= 1):
+            raise ValueError(f"sampler.alpha={self.alpha} must be in [0, 1] (1 = proportional, 0 = uniform)")
+        return {k: w ** self.alpha for k, w in super().weights(distribution).items()}  # 0**0 = 1: alpha=0 is uniform
+
+
+@dataclass
 class UniformSampler(Sampler):
     """``uniform`` and ``english``: equal weight over ``languages``."""
 

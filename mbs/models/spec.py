@@ -29,6 +29,11 @@ class ModelSpec:
     distribution: dict[str, float] = field(default_factory=dict)
     distribution_source: str = ""
     distribution_is_proxy: bool = False
+    # A user-supplied distribution: a TSV of `code<TAB>share` lines; replaces `distribution` (mbs/data/distributions.py).
+    distribution_tsv: str = ""
+    # No published distribution: estimate shares from the tokenizer (before the model loads); labelled a proxy.
+    distribution_estimate: bool = False
+    estimate_sharpness: float = 4.0  # share ∝ token_premium^-sharpness on the parallel UDHR
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -43,6 +48,21 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: source=gguf_package needs model.gguf_package and model.gguf_file")
         if self.source == "tiny" and self.tiny_arch not in ("bloom", "llama", "gemma3"):
             raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of bloom, llama, gemma3")
+        if self.distribution_tsv and self.distribution_estimate:
+            raise ValueError("give model.distribution_tsv or model.distribution_estimate=true, not both "
+                             "(with a TSV on an estimated model add model.distribution_estimate=false)")
+        if self.distribution_tsv:
+            from mbs.data.distributions import read_tsv
+
+            self.distribution = read_tsv(self.distribution_tsv)
+            self.distribution_source = f"user-supplied TSV {self.distribution_tsv}"
+            self.distribution_is_proxy = False
+        if self.distribution_estimate:
+            if not self.estimate_sharpness > 0:
+                raise ValueError(f"model.estimate_sharpness={self.estimate_sharpness} must be > 0")
+            self.distribution_source = (f"ESTIMATE (not published): tokenizer token premium on the parallel UDHR, "
+                                        f"share ∝ premium^-{self.estimate_sharpness:g}")
+            self.distribution_is_proxy = True
         bad = {k: v for k, v in self.distribution.items() if not v >= 0}
         if bad:
             raise ValueError(f"model.distribution has negative or missing shares: {bad}")

@@ -1,0 +1,114 @@
+"""Local files as a corpus: a user's own text, or an offline copy of a hub corpus.
+
+Layout (``<code>`` is our code from the code table, e.g. ``sw``, ``zh-Hans``)::
+
+    DIR/<code>.txt | .jsonl | .parquet                     one file for both splits, or
+    DIR/calibration/<code>.*  and  DIR/evaluation/<code>.*  one file per split
+
+``.txt``: documents separated by blank lines. ``.jsonl``: one JSON object per line with a ``text`` field.
+``.parquet``: a ``text`` column. With one file per language, the last ``eval_fraction`` of its documents (at least one)
+is the evaluation split and the rest calibration, so the two never overlap.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mbs.data.corpora import SPLITS, check_available, check_split
+from mbs.data.languages import LANGUAGES
+
+EXTENSIONS = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass
+class LocalCorpus:
+    path: str = ""
+    text_field: str = "text"  # the field (jsonl) or column (parquet) holding the text
+    eval_fraction: float = 0.1  # share of documents held out for evaluation when a language has one file
+    max_documents: int = 0  # per language and split; 0 = no cap
+    max_chars: int = 0  # per language and split; 0 = no cap
+    name: str = "local"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("data=local needs data.path=DIR (a directory of <lang>.txt|.jsonl|.parquet files)")
+        if not Path(self.path).expanduser().is_dir():
+            raise ValueError(f"data.path={self.path!r} is not a directory")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
+        if self.max_documents < 0 or self.max_chars < 0:
+            raise ValueError("data.max_documents and data.max_chars must be >= 0 (0 = no cap)")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.path).expanduser()
+
+    @property
+    def per_split(self) -> bool:
+        return all((self.root / split).is_dir() for split in SPLITS)
+
+    def _file(self, directory: Path, language: str) -> Path | None:
+        found = [directory / f"{language}{ext}" for ext in EXTENSIONS if (directory / f"{language}{ext}").is_file()]
+        if len(found) > 1:
+            raise ValueError(f"{directory} has {', '.join(p.name for p in found)}: keep one file per language")
+        return found[0] if found else None
+
+    def languages(self) -> list[str]:
+        dirs = [self.root / s for s in SPLITS] if self.per_split else [self.root]
+        return [code for code in LANGUAGES if all(self._file(d, code) for d in dirs)]
+
+    def source_files(self, language: str, split: str) -> list[Path]:
+        """The file(s) a language and split are read from (their size and mtime key the token cache)."""
+        path = self._file(self.root / split if self.per_split else self.root, language)
+        return [path] if path else []
+
+    def texts(self, language: str, split: str) -> list[str]:
+        check_split(split)
+        check_available(self, [language], f"local corpus {self.root}")
+        docs = read_documents(self.source_files(language, split)[0], self.text_field)
+        if not self.per_split:
+            if len(docs) < 2:
+                raise ValueError(f"{self.source_files(language, split)[0]} has {len(docs)} document(s); one file "
+                                 f"needs >= 2 to give disjoint calibration and evaluation splits")
+            held = max(1, math.ceil(len(docs) * self.eval_fraction))
+            docs = docs[-held:] if split == "evaluation" else docs[:-held]
+        return _cap(docs, self.max_documents, self.max_chars)
+
+
+def _cap(docs: list[str], max_documents: int, max_chars: int) -> list[str]:
+    docs = docs[:max_documents] if max_documents else docs
+    if not max_chars:
+        return docs
+    kept, chars = [], 0
+    for doc in docs:
+        if chars >= max_chars:
+            break
+        kept.append(doc[: max_chars - chars])
+        chars += len(kept[-1])
+    return kept
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    """Non-empty documents of one file, in file order."""
+    if path.suffix == ".txt":
+        docs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+    elif path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)[text_field])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a JSON object with a {text_field!r} field ({err})") from None
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            docs = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+        except (KeyError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for a missing column
+            raise ValueError(f"{path}: no column {text_field!r} ({str(err).splitlines()[0]})") from None
+    return [d.strip() for d in docs if d and d.strip()]

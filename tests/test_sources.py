@@ -1,0 +1,308 @@
+"""Hub sources against local files in the hub's schema and layout (same load_dataset code path), local corpora, the
+token cache, distributions from TSV and estimates, the temperature sampler, and composition of every new option."""
+import glob
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import mbs.config
+from mbs.data.cache import TokenCache
+from mbs.data.calibration import build_calibration, build_eval_windows
+from mbs.data.corpora import UDHRCorpus
+from mbs.data.distributions import estimate_from_tokenizer, read_tsv
+from mbs.data.hub import HubCorpus
+from mbs.data.languages import SOURCE_COLUMNS, codes_in, from_source, source_code
+from mbs.data.local import LocalCorpus
+from mbs.data.sampling import ProportionalSampler, TemperatureSampler, UniformSampler
+from mbs.models.spec import ModelSpec
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+HUB_PREFIX = {"cc100": "hf://datasets/statmt/cc100", "xlsum": "hf://datasets/csebuetnlp/xlsum@refs%2Fconvert%2Fparquet",
+              "flores": "hf://datasets/facebook/flores@refs%2Fconvert%2Fparquet",
+              "wikitext2": "hf://datasets/Salesforce/wikitext"}
+
+
+def composed(*overrides):
+    mbs.config.register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def words(lang, i, n=30):
+    return " ".join(f"{lang}{i}w{j}" for j in range(n))
+
+
+def write_parquet(path: Path, rows: list[dict], row_group_size: int = 16) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+
+
+# Fixtures in each hub dataset's schema (column names and types) and file layout.
+def cc100_files(root: Path, code: str, n: int) -> None:  # one row per line, trailing "\n", blank rows between documents
+    rows = [{"id": str(i), "text": "\n" if i % 4 == 3 else words(code, i) + "\n"} for i in range(n)]
+    write_parquet(root / f"lang={code}" / "train-00000.parquet", rows)
+
+
+def xlsum_files(root: Path, config: str, n: int) -> None:
+    for split in ("train", "validation", "test"):
+        rows = [{"id": f"{split}-{i}", "url": f"https://www.bbc.com/{config}/{i}", "title": f"t{i}", "summary": f"s{i}",
+                 "text": f"{split} " + words(config, i)} for i in range(n)]
+        write_parquet(root / config / split / "0000.parquet", rows)
+
+
+def flores_files(root: Path, config: str, n: int) -> None:
+    for split in ("dev", "devtest"):
+        rows = [{"id": i + 1, "URL": "https://en.wikinews.org/x", "domain": "wikinews", "topic": "t", "has_image": 0,
+                 "has_hyperlink": 0, "sentence": f"{split} " + words(config, i, 12)} for i in range(n)]
+        write_parquet(root / config / split / "0000.parquet", rows)
+
+
+def wikitext_files(root: Path, n: int) -> None:
+    for split in ("train", "validation", "test"):
+        rows = [{"text": "" if i % 3 == 0 else f" = {split} {i} = \n" if i % 3 == 1 else f" {words(split, i)} \n"}
+                for i in range(n)]
+        write_parquet(root / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet", rows)
+
+
+def local_hub(tmp_path, source, *overrides) -> HubCorpus:
+    """The shipped data=<source> config, with its hub URL prefix replaced by a local directory."""
+    cfg = composed(f"data={source}", *overrides)
+    cfg.data.data_files = cfg.data.data_files.replace(HUB_PREFIX[source], str(tmp_path))
+    return mbs.config.build(cfg).data
+
+
+def test_code_table_round_trips():
+    for column in SOURCE_COLUMNS:
+        for code in codes_in(column):
+            assert from_source(column, source_code(code, column)) == code
+    assert [source_code("sw", c) for c in ("flores", "cc100", "xlsum")] == ["swh_Latn", "sw", "swahili"]
+    assert source_code("zh-Hans", "cc100") == "zh-Hans" and source_code("zh-Hant", "flores") == "zho_Hant"
+    assert source_code("nso", "cc100") == "ns" and source_code("ko", "flores") == "kor_Hang"
+    assert codes_in("wikitext") == ["en"] and source_code("ca", "xlsum") is None
+
+
+def test_cc100_streams_capped_disjoint_row_ranges(tmp_path):
+    cc100_files(tmp_path, "sw", 400)
+    corpus = local_hub(tmp_path, "cc100", "data.max_documents=40")
+    cal, ev = corpus.texts("sw", "calibration"), corpus.texts("sw", "evaluation")
+    assert corpus.rows_read[("sw", "calibration")] == 40  # the stream stops at the cap (400 rows exist)
+    assert corpus.rows_read[("sw", "evaluation")] == 80  # rows [40, 80): the calibration rows are skipped, not kept
+    assert len(cal) == len(ev) == 30 and not set(cal) & set(ev)  # blank rows dropped; no shared row
+    assert cal[0] == words("sw", 0) and ev[0] == words("sw", 40)
+    capped = local_hub(tmp_path, "cc100", "data.max_documents=40", "data.max_chars=500")
+    assert sum(map(len, capped.texts("sw", "calibration"))) == 500
+    assert capped.rows_read[("sw", "calibration")] < 5
+
+
+def test_xlsum_flores_wikitext_map_splits(tmp_path):
+    xlsum_files(tmp_path, "swahili", 50)
+    xlsum = local_hub(tmp_path, "xlsum", "data.max_documents=20")
+    assert xlsum.texts("sw", "calibration")[0].startswith("train ") and len(xlsum.texts("sw", "calibration")) == 20
+    assert xlsum.texts("sw", "evaluation")[0].startswith("validation ")
+    assert xlsum.rows_read[("sw", "evaluation")] == 20
+
+    flores_files(tmp_path, "swh_Latn", 30)
+    flores = local_hub(tmp_path, "flores")
+    assert flores.texts("sw", "calibration")[0].startswith("dev ")
+    assert flores.texts("sw", "evaluation")[0].startswith("devtest ") and len(flores.texts("sw", "evaluation")) == 30
+
+    wikitext_files(tmp_path, 30)
+    wiki = local_hub(tmp_path, "wikitext2")
+    test = wiki.texts("en", "evaluation")
+    assert len(test) == 30 and test[0] == "" and test[1] == " = test 1 = "  # blank rows kept, as in the standard eval
+    assert wiki.texts("en", "calibration")[1].startswith(" = train")
+
+
+def test_source_errors_are_one_line(tmp_path):
+    xlsum_files(tmp_path, "swahili", 5)
+    corpus = local_hub(tmp_path, "xlsum")
+    with pytest.raises(ValueError, match="has no text for ca; it has: .*sw") as err:
+        corpus.texts("ca", "calibration")  # XL-Sum has no Catalan
+    with pytest.raises(ValueError, match="no files match") as err:
+        corpus.texts("fr", "calibration")
+    with pytest.raises(ValueError, match="no column 'sentence'") as err:
+        local_hub(tmp_path, "xlsum", "data.text_field=sentence").texts("sw", "calibration")
+    assert "\n" not in str(err.value)
+
+
+def test_unreachable_hub_says_how_to_run_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    corpus = mbs.config.build(composed("data=xlsum")).data
+    with pytest.raises(ValueError, match=r"data=local data\.path=.*data\.data_files") as err:
+        corpus.texts("sw", "calibration")
+    assert "\n" not in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'csebuetnlp/xlsum' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    with pytest.raises(ValueError, match="hub is unreachable"):
+        corpus.texts("sw", "calibration")
+
+    ConnectError = type("ConnectError", (Exception,), {"__module__": "httpx"})  # not an OSError, as httpx raises it
+
+    def no_dns(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_dns)
+    with pytest.raises(ValueError, match="ConnectError: .*Name or service not known.*hub is unreachable"):
+        corpus.texts("sw", "calibration")
+
+
+def test_local_corpus_layouts(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "sw.txt").write_text("\n\n".join(words("sw", i) for i in range(10)))
+    corpus = mbs.config.build(composed("data=local", f"data.path={tmp_path / 'one'}")).data
+    cal, ev = corpus.texts("sw", "calibration"), corpus.texts("sw", "evaluation")
+    assert (len(cal), len(ev)) == (9, 1) and ev == [words("sw", 9)] and corpus.languages() == ["sw"]
+    with pytest.raises(ValueError, match="has no text for fr; it has: sw"):
+        corpus.texts("fr", "calibration")
+
+    split = tmp_path / "split"
+    (split / "calibration").mkdir(parents=True)
+    (split / "evaluation").mkdir()
+    (split / "calibration" / "en.jsonl").write_text("\n".join(f'{{"text": "{words("en", i)}"}}' for i in range(4)))
+    write_parquet(split / "evaluation" / "en.parquet", [{"text": words("en", 100 + i)} for i in range(3)])
+    corpus = LocalCorpus(path=str(split), max_documents=2)
+    assert corpus.texts("en", "calibration") == [words("en", 0), words("en", 1)]
+    assert corpus.texts("en", "evaluation") == [words("en", 100), words("en", 101)]
+    (split / "calibration" / "fr.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
+    (split / "evaluation" / "fr.txt").write_text("a\n\nb")
+    with pytest.raises(ValueError, match=r"fr\.jsonl:2: not a JSON object with a 'text' field"):
+        corpus.texts("fr", "calibration")
+
+
+class Counting:
+    """A tokenizer that counts its calls (the cache must make the second run call it zero times)."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_token_cache_hit_on_second_run(tmp_path, tokenizer):
+    cc100_files(tmp_path / "hub", "sw", 200)
+    cc100_files(tmp_path / "hub", "en", 200)
+    corpus = local_hub(tmp_path / "hub", "cc100", "data.max_documents=60")
+    cache = TokenCache(tmp_path / "tokens")
+    counting = Counting(tokenizer)
+
+    def run(seed, tok=counting, corp=corpus):
+        cal = build_calibration(tok, corp, {"en": 3, "sw": 2}, 32, seed, True, cache=cache)
+        win = build_eval_windows(tok, corp, ["en", "sw"], 32, True, cache=cache)
+        return cal, win
+
+    first = run(0)
+    assert counting.calls == 4 and len(list((tmp_path / "tokens").glob("*.safetensors"))) == 4
+    corpus.rows_read.clear()
+    second = run(0)
+    assert counting.calls == 4 and corpus.rows_read == {}  # neither streamed nor tokenized again
+    for lang in ("en", "sw"):
+        assert torch.equal(first[0].segments[lang], second[0].segments[lang])
+        assert all(torch.equal(a, b) for a, b in zip(first[1][lang], second[1][lang]))
+    run(1)  # another seed re-uses the cached streams
+    assert counting.calls == 4
+    uncached = build_calibration(tokenizer, corpus, {"en": 3, "sw": 2}, 32, 0, True)
+    assert all(torch.equal(uncached.segments[k], first[0].segments[k]) for k in ("en", "sw"))
+    run(0, corp=local_hub(tmp_path / "hub", "cc100", "data.max_documents=50"))  # other text -> a miss
+    assert counting.calls == 8
+
+
+def test_temperature_sampler_reuses_allocation():
+    dist = {"en": 30.0, "fr": 12.9, "sw": 0.02, "yo": 0.006}
+    langs = list(dist)
+    for total in (8, 40, 128):
+        assert TemperatureSampler(total, 1, langs, alpha=1.0).counts(dist) == ProportionalSampler(total, 1, langs).counts(dist)
+        assert TemperatureSampler(total, 1, langs, alpha=0.0).counts(dist) == UniformSampler(total, 1, langs).counts({})
+    mid = TemperatureSampler(128, 1, langs, alpha=0.3).counts(dist)
+    assert ProportionalSampler(128, 1, langs).counts(dist)["sw"] < mid["sw"] < UniformSampler(128, 1, langs).counts({})["sw"]
+    with pytest.raises(ValueError, match="sampler.alpha=1.5"):
+        TemperatureSampler(10, 1, langs, alpha=1.5).counts(dist)
+
+
+def test_distribution_tsv(tmp_path):
+    good = tmp_path / "good.tsv"
+    good.write_text("# my model\niso\tshare\nen\t60\nsw\t0.5  # Swahili\n\nfr\t39.5\n")
+    assert read_tsv(good) == {"en": 60.0, "sw": 0.5, "fr": 39.5}
+    spec = mbs.config.build(composed("model=tiny-bloom", f"model.distribution_tsv={good}")).model
+    assert spec.distribution == {"en": 60.0, "sw": 0.5, "fr": 39.5} and "good.tsv" in spec.distribution_source
+    for text, message in [("en\t60\nsw\tlots\n", "bad.tsv:2: share 'lots' of sw is not a number"),
+                          ("en\t1\n\n# c\nsw 2\n", "bad.tsv:4: expected 'code<TAB>share'"),
+                          ("en\t0\nsw\t0\n", "bad.tsv:2: shares sum to zero"),
+                          ("en\t1\nxx\t2\n", "bad.tsv:2: unknown language code 'xx'"),
+                          ("en\t1\nen\t2\n", "bad.tsv:2: en is given twice"),
+                          ("en\t-1\n", "bad.tsv:1: .* must be a finite number >= 0")]:
+        (tmp_path / "bad.tsv").write_text(text)
+        with pytest.raises(ValueError, match=message) as err:
+            ModelSpec(source="tiny", tiny_arch="bloom", distribution_tsv=str(tmp_path / "bad.tsv"))
+        assert "\n" not in str(err.value)
+
+
+def test_estimated_distribution(tokenizer):
+    shares = estimate_from_tokenizer(tokenizer, sharpness=4.0, languages=["en", "sw", "yo", "zh-Hans"])
+    assert sum(shares.values()) == pytest.approx(100.0)
+    udhr = UDHRCorpus()
+    tokens = {k: len(tokenizer("\n\n".join(udhr.texts(k, "calibration") + udhr.texts(k, "evaluation")),
+                               add_special_tokens=False)["input_ids"]) for k in shares}
+    ranked = sorted(shares, key=shares.get, reverse=True)
+    assert ranked == sorted(tokens, key=tokens.get)  # fewer tokens for the same declaration -> larger share
+    best = ranked[0]
+    for k in shares:  # share ∝ premium^-4 exactly
+        assert shares[k] / shares[best] == pytest.approx((tokens[k] / tokens[best]) ** -4.0)
+
+
+def test_prepare_with_estimate_and_hub_sources_offline(tmp_path):
+    from mbs.pipeline import prepare
+
+    cc100_files(tmp_path / "cc100", "en", 120)
+    cc100_files(tmp_path / "cc100", "sw", 120)
+    xlsum_files(tmp_path / "xlsum", "english", 6)
+    xlsum_files(tmp_path / "xlsum", "swahili", 6)
+    cfg = composed("model=tiny-bloom", "model.distribution_estimate=true", "data=cc100", "eval=xlsum",
+                   "eval.languages=[en,sw]", "sampler.segments=6", "logger=none",
+                   f"data.data_files='{tmp_path}/cc100/**/lang={{code}}/*.parquet'",
+                   f"eval.corpus.data_files='{tmp_path}/xlsum/{{code}}/{{split}}/*.parquet'")
+    prepared = prepare(cfg)
+    spec = prepared.run.model
+    assert spec.distribution_is_proxy and spec.distribution_source.startswith("ESTIMATE")
+    assert set(prepared.counts) == {"en", "sw"} and sum(prepared.counts.values()) == 6
+    assert set(prepared.windows) == {"en", "sw"} and prepared.calibration.segments["en"].shape[1] == 64
+
+
+NEW_OPTIONS = ["data=cc100", "data=xlsum", "data=flores", "data=wikitext2", "eval=xlsum", "eval=flores",
+               "eval=wikitext2", "sampler=temperature", "sampler=temperature sampler.alpha=0.5",
+               "model=qwen2.5-0.5b model.distribution_estimate=false +model.distribution.en=1.0"] + [
+    f"model={Path(p).stem}" for p in glob.glob(os.path.join(CONF, "model", "*.yaml"))]
+
+
+@pytest.mark.parametrize("override", NEW_OPTIONS)
+def test_new_options_compose_and_build(override):
+    run = mbs.config.build(composed(*override.split(" "), "logger=none"))
+    if override.startswith("data="):
+        assert isinstance(run.data, HubCorpus) and run.data.name == override[5:]
+    if override.startswith("eval="):
+        assert isinstance(run.eval.corpus, HubCorpus)
+    if override.startswith("sampler"):
+        assert isinstance(run.sampler, TemperatureSampler)
+
+
+def test_local_and_done_when_commands_compose(tmp_path):
+    run = mbs.config.build(composed("data=local", f"data.path={tmp_path}", "sampler=temperature"))
+    assert isinstance(run.data, LocalCorpus)
+    run = mbs.config.build(composed("data=cc100", "eval=xlsum", "model=bloom-560m", "engine.device=cuda"))
+    assert run.data.name == "cc100" and run.eval.corpus.name == "xlsum" and run.model.path == "bigscience/bloom-560m"
+    with pytest.raises(ValueError, match="data=local needs data.path=DIR"):
+        mbs.config.build(composed("data=local"))  # path is required
