@@ -26,10 +26,27 @@ NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "model.cache_dir", "e
 RESULTS, FAILURE, SKIPPED = "results.json", "failure.json", "skipped.json"
 
 
-def experiment_id(cfg: DictConfig | dict[str, Any]) -> str:
-    """12 hex digits of sha256 over the resolved config minus NON_RESULT_KEYS; every other key (including ones added
-    later) counts, so two configs share an id only if nothing that can change the numbers differs."""
-    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else json.loads(json.dumps(cfg))
+def _with_types(node: Any) -> Any:
+    """The resolved container, with each structured node's schema class: mbs and uniform samplers have the same
+    fields and values, only their class tells them apart."""
+    if isinstance(node, DictConfig):
+        out = {str(k): _with_types(node[k]) for k in node.keys()}
+        schema = OmegaConf.get_type(node)
+        if schema not in (None, dict):
+            out["_schema_"] = f"{schema.__module__}.{schema.__qualname__}"
+        return out
+    if OmegaConf.is_list(node):
+        return [_with_types(v) for v in node]
+    return node
+
+
+def experiment_id(cfg: DictConfig) -> str:
+    """12 hex digits of sha256 over the resolved config (with schema classes) minus NON_RESULT_KEYS; every other key
+    (including ones added later) counts, so two configs share an id only if nothing that can change the numbers
+    differs."""
+    cfg = OmegaConf.create(cfg) if not OmegaConf.is_config(cfg) else cfg.copy()
+    OmegaConf.resolve(cfg)
+    data = _with_types(cfg)
     for dotted in NON_RESULT_KEYS:
         *parents, leaf = dotted.split(".")
         node = data
