@@ -176,3 +176,31 @@ def test_every_sweep_job_composes_and_passes_the_input_checks(name):
         if job_cfg.engine.device.startswith("cuda"):
             continue
         plan(build(job_cfg))  # languages exist in the corpora, counts add up
+
+
+def test_seeds_become_mean_and_t_interval():
+    from scipy import stats
+
+    from mbs.record.report import aggregate, condition_summary, frame, markdown
+    from mbs.sweep import Job
+
+    def job(seed, sampler, ppl):
+        rows = [{"language": "en", "share": 0.9, "dense_ppl": 10.0, "compressed_ppl": ppl, "ratio": ppl / 10.0,
+                 "log_ratio": 0.1 * seed, "tokens": 5},
+                {"language": "sw", "share": 0.1, "dense_ppl": 20.0, "compressed_ppl": 2 * ppl, "ratio": ppl / 10.0,
+                 "log_ratio": 0.2, "tokens": 5}]
+        res = {"experiment_id": f"{sampler}{seed}", "config": {"seed": seed}, "languages": rows,
+               "compression": {"sparsity": 0.5}}
+        return Job([f"sampler={sampler}", f"seed={seed}", "logger=none"], "done", results=res)
+
+    ppls = [11.0, 12.0, 14.0]
+    jobs = [job(s, "mbs", p) for s, p in enumerate(ppls)] + [job(0, "english", 13.0)]
+    agg = aggregate(frame(jobs))
+    assert list(dict.fromkeys(agg["condition"])) == ["sampler=mbs", "sampler=english"]  # seed is no condition
+    en = agg[(agg["condition"] == "sampler=mbs") & (agg["language"] == "en")].iloc[0]
+    half = stats.t.ppf(0.975, 2) * stats.tstd(ppls) / 3 ** 0.5
+    assert en["n"] == 3 and en["compressed_ppl"] == pytest.approx(sum(ppls) / 3)
+    assert en["compressed_ppl_ci95"] == pytest.approx(half)
+    md = markdown(agg, condition_summary(frame(jobs), 0.5), 0.5)
+    assert f"{sum(ppls) / 3:.2f} ± {half:.2f}" in md and "| en | 90.000 |" in md
+    assert "share < 50%" in md and "13.00 (×1.300)" in md

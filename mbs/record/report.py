@@ -146,7 +146,8 @@ def markdown(agg: pd.DataFrame, summ: pd.DataFrame, low_resource_share: float) -
 
 
 def plot_degradation(agg: pd.DataFrame, path: Path | None = None, title: str = "Perplexity ratio by language"):
-    """Grouped bars: compressed/dense perplexity per language (ordered by training share) and condition, 95% CI."""
+    """Grouped bars from 1 (no change): compressed/dense perplexity per language (ordered by training share) and
+    condition, with 95% CIs over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,8 +162,8 @@ def plot_degradation(agg: pd.DataFrame, path: Path | None = None, title: str = "
     for k, cond in enumerate(conds):
         g = agg[agg["condition"] == cond].set_index("language").reindex(langs)
         err = g["ratio_ci95"].fillna(0).to_numpy()
-        ax.bar(x + (k - (len(conds) - 1) / 2) * width, g["ratio"].to_numpy(), width, yerr=err if err.any() else None,
-               label=cond, capsize=2)
+        ax.bar(x + (k - (len(conds) - 1) / 2) * width, g["ratio"].to_numpy() - 1.0, width, bottom=1.0,
+               yerr=err if err.any() else None, label=cond, capsize=2)  # bars grow from 1 = no change
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(x, langs, rotation=60, ha="right")
     ax.set_ylabel("perplexity ratio (compressed / dense)")
