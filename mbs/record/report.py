@@ -126,7 +126,7 @@ def markdown(agg: pd.DataFrame, summ: pd.DataFrame, low_resource_share: float) -
     wide = wide_table(agg)
     show_dense = wide["dense_ppl"].notna().all()
     head = ["language", "share %"] + (["dense ppl"] if show_dense else []) + conds
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + ("---:|" if show_dense else "") + "---:|" * len(conds)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + ("---:|" if show_dense else "") + "---:|" * len(conds)]
     for _, r in wide.iterrows():
         cells = [r["language"], f"{100 * r['share']:.3f}"] + ([f"{r['dense_ppl']:.2f}"] if show_dense else [])
         for c in conds:
