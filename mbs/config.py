@@ -29,6 +29,7 @@ class EvalConfig:
     chunk_tokens: int = 256  # tokens per fp32 logits chunk in the loss
     max_windows: int = 0  # per language; 0 = all
     dense: bool = True  # also evaluate the dense model (for ratios)
+    low_resource_share: float = 0.01  # summary: languages below this share (renormalised over languages) are low-resource
 
     def __post_init__(self) -> None:
         check_languages(self.languages, "eval.languages")
@@ -49,6 +50,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     seed: int = 0
     progress: bool = True
+    force: bool = False  # multirun: re-run jobs whose results already exist (mbs/sweep.py)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

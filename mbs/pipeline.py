@@ -22,6 +22,7 @@ from mbs.data.sampling import renormalise
 from mbs.evaluate.perplexity import evaluate_languages
 from mbs.models.loading import cache_root, load_model, load_tokenizer
 from mbs.record.results import language_rows, summary, to_markdown, write_results
+from mbs.sweep import experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,13 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     shares = renormalise(spec.distribution, run.eval.languages) if spec.distribution else {}
     rows = language_rows(shares, dense or compressed, compressed)
     results = {
+        "experiment_id": experiment_id(cfg),  # resume key (mbs/sweep.py)
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model": {"name": spec.name, "parameters": sum(p.numel() for p in model.parameters()),
                   "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy},
         "calibration": {"segments": prepared.counts, "seqlen": spec.seqlen, "total": prepared.calibration.total},
         "languages": rows,
-        "summary": summary(rows),
+        "summary": summary(rows, run.eval.low_resource_share),
         "compression": {"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,
                         "zeros": report.zeros, "params": report.params,
                         "layers": [{"index": layer["index"], "seconds": layer["seconds"],

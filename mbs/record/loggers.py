@@ -45,13 +45,36 @@ class WandbLogger:
         return self
 
     def log_results(self, results: dict[str, Any]) -> None:
+        """The per-language table (ordered by training share), a bar chart of degradation by language in that order
+        (W&B's own bar plot, and the report's matplotlib figure as an image because W&B may re-sort bars), summary
+        metrics, achieved sparsity and timings. The resolved config went in at start."""
         import wandb
 
-        rows = results["languages"]
-        columns = list(rows[0]) if rows else []
-        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-        self._run.log({"languages": table})
-        summary = {f"summary/{k}": v for k, v in results["summary"].items()}
+        from mbs.record.report import aggregate, frame, plot_degradation
+        from mbs.sweep import Job
+
+        rows = sorted(results["languages"], key=lambda r: (-r["share"], r["language"]))
+        columns = ["language", "training_share", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens"]
+        table = wandb.Table(columns=columns, data=[[r["language"], r["share"], r["dense_ppl"], r["compressed_ppl"],
+                                                    r["ratio"], r["log_ratio"], r["tokens"]] for r in rows])
+        logged: dict[str, Any] = {
+            "languages": table,
+            "degradation_by_language": wandb.plot.bar(table, "language", "ratio",
+                                                      title="Perplexity ratio by language (by training share)")}
+        try:
+            import matplotlib.pyplot as plt
+
+            name = self.name or results["compression"]["method"]
+            fig = plot_degradation(aggregate(frame([Job([], "done", results=results)])).assign(condition=name))
+            logged["degradation_plot"] = wandb.Image(fig)
+            plt.close(fig)
+        except Exception as err:  # noqa: BLE001 - a missing image must not lose the run's numbers
+            log.warning("W&B degradation image not logged: %s", err)
+        self._run.log(logged)
+        s = results["summary"]
+        summary: dict[str, Any] = {f"summary/{k}": v for k, v in s.items() if not isinstance(v, list)}
+        summary["summary/low_resource_languages"] = ",".join(s.get("low_resource_languages", []))
+        summary["experiment_id"] = results.get("experiment_id")
         summary["sparsity/overall"] = results["compression"]["sparsity"]
         summary.update({f"timing/{k}": v for k, v in results["timings"].items()})
         summary.update({f"ppl_ratio/{r['language']}": r["ratio"] for r in rows})

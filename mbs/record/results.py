@@ -47,12 +47,20 @@ def language_rows(shares: dict[str, float], dense: dict[str, Any], compressed: d
     return rows
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+LOW_RESOURCE_SHARE = 0.01  # default threshold: below 1% of the (renormalised) training share is low-resource
+
+
+def summary(rows: list[dict[str, Any]], low_resource_share: float = LOW_RESOURCE_SHARE) -> dict[str, Any]:
+    """Mean/median log perplexity ratio over languages, and the mean over low-resource languages: those whose share
+    (the training share renormalised over the evaluated languages, as in the table) is below low_resource_share."""
     logs = sorted(r["log_ratio"] for r in rows)
     mid = len(logs) // 2
     median = logs[mid] if len(logs) % 2 else (logs[mid - 1] + logs[mid]) / 2
+    low = [r for r in rows if r["share"] < low_resource_share]
     return {"mean_log_ratio": sum(logs) / len(logs), "median_log_ratio": median,
-            "mean_ratio": math.exp(sum(logs) / len(logs)), "worst_ratio": math.exp(logs[-1])}
+            "mean_ratio": math.exp(sum(logs) / len(logs)), "worst_ratio": math.exp(logs[-1]),
+            "low_resource_share": low_resource_share, "low_resource_languages": [r["language"] for r in low],
+            "low_resource_mean_log_ratio": sum(r["log_ratio"] for r in low) / len(low) if low else None}
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:

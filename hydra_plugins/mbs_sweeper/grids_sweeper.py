@@ -1,0 +1,39 @@
+"""Hydra's basic sweeper plus ``grids``: a sweep that is a union of cartesian products. Needed where one axis only
+exists for some conditions (english/mbs/uniform calibration plus ``sampler=monolingual`` x every language; Wanda and
+SparseGPT at 50% plus GPTQ at 3 bits). Without grids it is the basic sweeper. Hydra only loads plugins from the
+``hydra_plugins`` package, hence this module; the expansion itself is mbs.sweep.expand (the report uses it too)."""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class GridsSweeperConf:
+    _target_: str = "hydra_plugins.mbs_sweeper.grids_sweeper.GridsSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None  # axes shared by every grid
+    grids: Optional[List[Dict[str, str]]] = None  # each: more axes; the jobs are the union over grids
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf, provider="mbs")
+
+
+class GridsSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
+                 grids: Optional[List[Dict[str, str]]] = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.grids = [dict(g) for g in grids] if grids else None
+
+    def _parse_config(self) -> List[str]:
+        return []  # params are folded in per grid by split_arguments below
+
+    def split_arguments(self, overrides: Any, max_batch_size: Optional[int]) -> List[List[List[str]]]:  # type: ignore[override]
+        from mbs.sweep import expand
+
+        arguments = [o.input_line for o in overrides]
+        jobs = expand(self.params, self.grids, arguments)
+        n = len(jobs) if max_batch_size in (None, -1) else max_batch_size
+        return [jobs[i:i + n] for i in range(0, len(jobs), n)] or [[]]
