@@ -19,6 +19,7 @@ from mbs.data.corpora import check_available
 from mbs.data.sampling import renormalise
 from mbs.evaluate.perplexity import evaluate_languages
 from mbs.models.loading import load_model, load_tokenizer
+from mbs.record.checkpoint import save_checkpoint
 from mbs.record.results import language_rows, summary, to_markdown, write_results
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,10 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": run.engine.device,
                         "threads": torch.get_num_threads()},
     }
+    if run.save_model:
+        t0 = time.perf_counter()
+        save_checkpoint(model, prepared.tokenizer, output_dir / "model")
+        timings["save_s"] = time.perf_counter() - t0
     write_results(output_dir, results)
     return results
 
