@@ -84,7 +84,8 @@ class ColumnQuantizer:
     """Quantizes the columns of a weight one at a time, in processing order (possibly permuted: act-order), for the
     sequential solvers: a group's grid is fitted on the current (error-updated) weights when its first column comes,
     or, per channel and with static groups, once up front on the unpermuted weights, so with act-order the grouping
-    stays the unpermuted one (what a plain g_idx-free export needs)."""
+    stays the unpermuted one (what a plain g_idx-free export needs). As in the reference GPTQ, a group wider than the
+    sweep's block is fitted before the current block's lazy update has reached its columns past the block."""
 
     def __init__(self, spec: QuantSpec, weight: torch.Tensor, perm: torch.Tensor | None = None,
                  static_groups: bool = False) -> None:
