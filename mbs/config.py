@@ -11,6 +11,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mbs.compress.engine import EngineConfig
 from mbs.compress.pruning import Dense, Magnitude, Wanda
+from mbs.compress.quantization import GPTQ, RTN
+from mbs.compress.sparsegpt import SparseGPT
 from mbs.data.corpora import UDHRCorpus
 from mbs.data.hub import HubCorpus
 from mbs.data.local import LocalCorpus
@@ -51,6 +53,7 @@ class RunConfig:
     seed: int = 0
     progress: bool = True
     force: bool = False  # multirun: re-run jobs whose results already exist (mbs/sweep.py)
+    save_model: bool = False  # write the compressed model (safetensors + config + tokenizer) to <run dir>/model
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -59,7 +62,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "sampler": {"proportional_schema": ProportionalSampler, "uniform_schema": UniformSampler,
                 "temperature_schema": TemperatureSampler,
                 "counts_schema": CountsSampler, "monolingual_schema": MonolingualSampler},
-    "compressor": {"dense_schema": Dense, "magnitude_schema": Magnitude, "wanda_schema": Wanda},
+    "compressor": {"dense_schema": Dense, "magnitude_schema": Magnitude, "wanda_schema": Wanda,
+                   "sparsegpt_schema": SparseGPT, "gptq_schema": GPTQ, "rtn_schema": RTN},
     "eval": {"eval_schema": EvalConfig},
     "logger": {"wandb_schema": WandbLogger, "none_schema": NoLogger},
 }
@@ -87,10 +91,11 @@ class Run:
     engine: EngineConfig
     seed: int
     progress: bool
+    save_model: bool = False
 
 
 def build(cfg: DictConfig) -> Run:
     """Turn the composed config into checked objects; every ValueError raised here names the bad value."""
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine")}
-    return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress))
+    return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model))

@@ -21,6 +21,7 @@ from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import renormalise
 from mbs.evaluate.perplexity import evaluate_languages
 from mbs.models.loading import cache_root, load_model, load_tokenizer
+from mbs.record.checkpoint import save_checkpoint
 from mbs.record.results import language_rows, summary, to_markdown, write_results
 from mbs.sweep import experiment_id
 
@@ -134,6 +135,10 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": run.engine.device,
                         "threads": torch.get_num_threads()},
     }
+    if run.save_model:
+        t0 = time.perf_counter()
+        save_checkpoint(model, prepared.tokenizer, output_dir / "model")
+        timings["save_s"] = time.perf_counter() - t0
     write_results(output_dir, results)
     return results
 

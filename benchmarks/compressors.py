@@ -1,0 +1,229 @@
+"""Seconds per layer of each compressor on the one engine, next to a reference-style path doing the same compression
+the way the reference implementations do: batch-1 forwards, one Hessian (or norm) per Linear even when q/k/v and
+gate/up read the same input, and N:M masks chosen in a Python loop over groups of M columns (same dtype, same
+algorithms, same tie-breaking).
+
+    python benchmarks/compressors.py                 # 3 layers of Gemma 3 270M (cached in ~/.cache/mbs)
+    python benchmarks/compressors.py --layers 1 --segments 32
+    python benchmarks/compressors.py --tiny          # the tiny Gemma 3 test model, seconds
+
+Checks: (1) on the first layer, given the same input tensors, ours (shared statistics, vectorised masks) and the
+reference-style compress give bit-identical weights (asserted); (2) after the whole run, the weights of both paths
+agree up to the fp32 rounding of batch-1 vs batched accumulation (mask agreement and the largest weight difference
+are printed).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mbs.compress.base import Compressor  # noqa: E402
+from mbs.compress.engine import EngineConfig, capture, collect_statistics, compress_model, merged, run_layer  # noqa: E402
+from mbs.compress.pruning import Magnitude, Wanda  # noqa: E402
+from mbs.compress.quantization import GPTQ, RTN  # noqa: E402
+from mbs.compress.sparsegpt import SparseGPT  # noqa: E402
+from mbs.models.adapter import Adapter  # noqa: E402
+
+
+def loop_n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M selection as the reference Wanda code does it: one group of M columns at a time (same stable sort)."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    for j in range(0, score.shape[1], m):
+        mask[:, j : j + m].scatter_(1, torch.sort(score[:, j : j + m], dim=1, stable=True).indices[:, :n], True)
+    return mask
+
+
+class LoopWanda(Wanda):
+    def select(self, score: torch.Tensor) -> torch.Tensor:
+        return loop_n_of_m(score, self.n, self.m) if self.structured else super().select(score)
+
+
+class LoopMagnitude(Magnitude):
+    def select(self, score: torch.Tensor) -> torch.Tensor:
+        return loop_n_of_m(score, self.n, self.m) if self.structured else super().select(score)
+
+
+def reference_twin(compressor: Compressor) -> Compressor:
+    cls = {Wanda: LoopWanda, Magnitude: LoopMagnitude}.get(type(compressor), type(compressor))
+    return cls(**{f.name: getattr(compressor, f.name) for f in dataclasses.fields(compressor)})
+
+
+def separate_statistics(layer: nn.Module, adapter: Adapter, compressor: Compressor, inputs: list[torch.Tensor],
+                        kwargs: list[dict]) -> dict[str, object]:
+    """One statistic per Linear, each fed by its own hook (no sharing), over the given forwards."""
+    stats = {name: compressor.new_statistic(m) for name, m in adapter.linears(layer).items()}
+
+    def hook(name: str):
+        def pre_hook(module: nn.Linear, args: tuple) -> None:
+            x = args[0]
+            stats[name].update(x.reshape(-1, x.shape[-1]).float())
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in adapter.linears(layer).items()]
+    try:
+        for x, kw in zip(inputs, kwargs):
+            layer(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def reference_compress(model: nn.Module, compressor: Compressor, calibration) -> None:
+    """The reference-style path."""
+    adapter = Adapter(model)
+    captured = capture(adapter, calibration.batches(1), "cpu") if compressor.needs_statistics else None
+    for i, layer in enumerate(adapter.layers):
+        stats = {}
+        if captured is not None:
+            stats = separate_statistics(layer, adapter, compressor, captured.inputs, captured.layer_kwargs[i])
+        for name, module in adapter.linears(layer).items():
+            compressor.compress(f"layer {i} {name}", module, stats.get(name))
+        if captured is not None and i + 1 < len(adapter.layers):
+            captured.inputs = run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): CPU time is the steadier figure on a shared machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(*args, **kwargs)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+@torch.no_grad()
+def check_same_input_identity(model: nn.Module, state: dict, compressor: Compressor, twin: Compressor,
+                              calibration, batch_size: int) -> None:
+    """Layer 0, identical input tensors: shared statistics + vectorised masks == separate statistics + loop masks."""
+    if not compressor.needs_statistics and type(twin) is type(compressor):
+        return
+    model.load_state_dict(state, strict=False)
+    adapter = Adapter(model)
+    layer = adapter.layers[0]
+    linears = adapter.linears(layer)
+    captured = capture(adapter, calibration.batches(batch_size), "cpu") if compressor.needs_statistics else None
+    shared, leader, separate = {}, {}, {}
+    if captured is not None:
+        by_group, leader = collect_statistics(layer, adapter, compressor, captured.inputs, captured.layer_kwargs[0],
+                                              captured.languages, False)
+        shared = {g: merged(s) for g, s in by_group.items()}
+        separate = separate_statistics(layer, adapter, twin, captured.inputs, captured.layer_kwargs[0])
+    for name, module in linears.items():
+        original = module.weight.detach().clone()
+        compressor.compress(name, module, shared[leader[name]] if shared else None)
+        ours = module.weight.detach().clone()
+        module.weight.data.copy_(original)
+        twin.compress(name, module, separate.get(name))
+        if not torch.equal(ours, module.weight):
+            raise AssertionError(f"{type(compressor).__name__}: layer 0 {name} differs between the paths")
+
+
+def layer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    prefix = {"bloom": "transformer.h.", "llama": "model.layers."}.get(model.config.model_type, "model.layers.")
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(fraction of weights with the same zero/non-zero status, max |Δw| / max |w|) over the Linear weights."""
+    same = total = 0
+    worst = 0.0
+    for k in a:
+        if a[k].dim() != 2:
+            continue
+        same += int(((a[k] == 0) == (b[k] == 0)).sum())
+        total += a[k].numel()
+        worst = max(worst, float((a[k].float() - b[k].float()).abs().max() / a[k].float().abs().max()))
+    return same / total, worst
+
+
+def load(args):
+    from hydra import compose, initialize_config_dir
+
+    from mbs.config import register
+    from mbs.models.loading import load_model
+    from mbs.pipeline import prepare
+
+    register()
+    root = Path(__file__).resolve().parents[1]
+    model_name = "tiny-gemma3" if args.tiny else args.model
+    overrides = [f"model={model_name}", "logger=none", f"sampler.segments={args.segments}"]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    if args.tiny:
+        os.environ.setdefault("MBS_CACHE", str(Path.home() / ".cache" / "mbs"))
+    prepared = prepare(cfg)
+    model = load_model(prepared.run.model, seed=0)
+    adapter = Adapter(model)
+    layers = adapter.layers
+    keep = nn.ModuleList(list(layers)[: args.layers])
+    parent = model.get_submodule(adapter.arch.layers.rsplit(".", 1)[0])
+    setattr(parent, adapter.arch.layers.rsplit(".", 1)[1], keep)
+    model.config.num_hidden_layers = len(keep)
+    return model, prepared
+
+
+COMPRESSORS = {  # each takes the quantizers' group size
+    "wanda": lambda groupsize: Wanda(sparsity=0.5),
+    "wanda-2:4": lambda groupsize: Wanda(sparsity=0.5, n=2, m=4),
+    "magnitude-2:4": lambda groupsize: Magnitude(sparsity=0.5, n=2, m=4),
+    "sparsegpt": lambda groupsize: SparseGPT(sparsity=0.5),
+    "sparsegpt-2:4": lambda groupsize: SparseGPT(sparsity=0.5, n=2, m=4),
+    "gptq-4b": lambda groupsize: GPTQ(bits=4, groupsize=groupsize),
+    "rtn-4b": lambda groupsize: RTN(bits=4, groupsize=groupsize),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=3, help="first N decoder layers (default 3)")
+    parser.add_argument("--segments", type=int, default=128, help="calibration segments (default: the runs' 128)")
+    parser.add_argument("--batch-size", type=int, default=8, help="our engine's batch size (default 8)")
+    parser.add_argument("--model", default="gemma3-270m", help="a conf/model option (default gemma3-270m)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny Gemma 3 test model instead")
+    parser.add_argument("--groupsize", type=int, default=0, help="GPTQ/RTN group size (default 128; 32 with --tiny)")
+    parser.add_argument("--only", default=",".join(COMPRESSORS), help="comma-separated: " + ", ".join(COMPRESSORS))
+    args = parser.parse_args()
+
+    groupsize = args.groupsize or (32 if args.tiny else 128)
+    torch.manual_seed(0)
+    model, prepared = load(args)
+    calibration = prepared.calibration
+    state = layer_state(model)
+    print(f"model {prepared.run.model.name} ({next(model.parameters()).dtype}), {len(Adapter(model).layers)} layers, "
+          f"{calibration.total} segments x {prepared.run.model.seqlen} tokens, {torch.get_num_threads()} threads")
+    print(f"GPTQ/RTN group size {groupsize}; ours: engine batch size {args.batch_size}; reference: batch 1")
+    print("seconds per layer (capture included, both paths), wall and process CPU; speed-up = reference / ours")
+    print(f"{'compressor':<15} {'ours':>8} {'ours':>8} {'ref':>8} {'ref':>8} {'speed-up':>15}  same-input  "
+          f"end-to-end mask agreement / max rel |dW|")
+    print(f"{'':<15} {'wall':>8} {'cpu':>8} {'wall':>8} {'cpu':>8} {'wall':>7} {'cpu':>7}")
+    for key in args.only.split(","):
+        compressor = COMPRESSORS[key](groupsize)
+        twin = reference_twin(COMPRESSORS[key](groupsize))
+        check_same_input_identity(model, state, compressor, twin, calibration, args.batch_size)
+
+        model.load_state_dict(state, strict=False)
+        ours = timed(compress_model, model, compressor, calibration, EngineConfig(batch_size=args.batch_size),
+                     progress=False)
+        ours_state = layer_state(model)
+
+        model.load_state_dict(state, strict=False)
+        ref = timed(reference_compress, model, twin, calibration)
+        agreement, worst = compare(ours_state, layer_state(model))
+        n = args.layers
+        print(f"{key:<15} {ours[0] / n:8.3f} {ours[1] / n:8.3f} {ref[0] / n:8.3f} {ref[1] / n:8.3f} "
+              f"{ref[0] / ours[0]:6.2f}x {ref[1] / ours[1]:6.2f}x  identical   "
+              f"{100 * agreement:.4f}% / {worst:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Weight quantizers on the shared grid (mbs/compress/quantizer.py): RTN (round to nearest, data-free) and GPTQ
+(Frantar et al. 2023: quantize column by column and push each column's rounding error onto the columns not yet
+quantized through the inverse Hessian of the inputs). Weights stay in the model's dtype, fake-quantized; each module's
+scales, zero points and column->group map are kept in ``records`` for export."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mbs.compress.base import Compressor
+from mbs.compress.hessian import check_solver, prepare, sweep
+from mbs.compress.quantizer import ColumnQuantizer, QuantSpec, record
+from mbs.compress.statistics import Hessian
+
+
+@dataclass
+class Quantizing(Compressor):
+    """Shared config of weight quantizers: ``bits`` (2-8), symmetric or not, ``groupsize`` (-1: per channel)."""
+
+    bits: int = 4
+    sym: bool = False
+    groupsize: int = -1
+
+    def __post_init__(self) -> None:
+        self.spec.validate()
+        self.records: dict[str, dict[str, Any]] = {}  # module name -> its grids, for export
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.sym, self.groupsize)
+
+    def check(self, name: str, module: nn.Linear) -> None:
+        self.spec.check_width(name, module.in_features)
+
+    def _figures(self, name: str, grids: dict[str, Any]) -> dict[str, Any]:
+        self.records[name] = grids
+        return {"bits": self.bits, "groupsize": self.groupsize, "sym": self.sym}
+
+
+@dataclass
+class RTN(Quantizing):
+    """Round every weight to the nearest level of its group's min-max grid; no calibration."""
+
+    needs_statistics: ClassVar[bool] = False
+
+    def compress(self, name: str, module: nn.Linear, statistic: Any) -> dict[str, Any]:
+        w = module.weight.detach().float()
+        scale, zero = self.spec.fit_groups(w)
+        module.weight.data.copy_(self.spec.quantize_groups(w, scale, zero))
+        g_idx = torch.arange(w.shape[1], device=w.device) // self.spec.group_width(w.shape[1])
+        return self._figures(name, record(self.spec, scale, zero, g_idx))
+
+
+@dataclass
+class GPTQ(Quantizing):
+    needs_statistics: ClassVar[bool] = True
+
+    percdamp: float = 0.01
+    blocksize: int = 128
+    actorder: bool = False  # process columns by decreasing diag H (most active inputs first)
+    static_groups: bool = False  # fit group grids before the sweep on unpermuted columns (act-order keeps groups)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_solver(self.percdamp, self.blocksize)
+
+    def new_statistic(self, module: nn.Linear) -> Hessian:
+        return Hessian(module.in_features, module.weight.device)
+
+    def compress(self, name: str, module: nn.Linear, statistic: Hessian) -> dict[str, Any]:
+        prepared = prepare(statistic, module.weight, self.percdamp, name, actorder=self.actorder)
+        quantizer = ColumnQuantizer(self.spec, prepared.weight, prepared.perm, self.static_groups)
+        weight = sweep(prepared.weight, prepared.hinv, self.blocksize, quantizer)
+        if prepared.perm is not None:
+            weight = weight[:, torch.argsort(prepared.perm)]
+        module.weight.data.copy_(weight)
+        figures = self._figures(name, quantizer.record())
+        if prepared.percdamp != self.percdamp:
+            figures["percdamp"] = prepared.percdamp
+        return figures
