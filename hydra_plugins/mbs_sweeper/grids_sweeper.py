@@ -15,7 +15,7 @@ class GridsSweeperConf:
     _target_: str = "hydra_plugins.mbs_sweeper.grids_sweeper.GridsSweeper"
     max_batch_size: Optional[int] = None
     params: Optional[Dict[str, str]] = None  # axes shared by every grid
-    grids: Optional[List[Dict[str, str]]] = None  # each: more axes; the jobs are the union over grids
+    grids: Optional[List[Dict[str, Any]]] = None  # each: more axes (numbers allowed); jobs are the union over grids
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf, provider="mbs")
@@ -23,7 +23,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSwee
 
 class GridsSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
-                 grids: Optional[List[Dict[str, str]]] = None) -> None:
+                 grids: Optional[List[Dict[str, Any]]] = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = [dict(g) for g in grids] if grids else None
 
