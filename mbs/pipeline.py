@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mbs.compress.engine import compress_model
+from mbs.compress.engine import check_modules, compress_model
 from mbs.config import Run, build
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
 from mbs.data.cache import TokenCache
@@ -20,7 +20,7 @@ from mbs.data.corpora import check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import renormalise
 from mbs.evaluate.perplexity import evaluate_languages
-from mbs.models.loading import cache_root, load_model, load_tokenizer
+from mbs.models.loading import cache_root, load_model, load_tokenizer, model_skeleton
 from mbs.record.checkpoint import save_checkpoint
 from mbs.record.results import language_rows, summary, to_markdown, write_results
 from mbs.sweep import experiment_id
@@ -74,6 +74,7 @@ def prepare(cfg: DictConfig) -> Prepared:
             spec.distribution = estimate_from_tokenizer(tokenizer, spec.estimate_sharpness)
             log.info("ESTIMATED language distribution (%s): %s", spec.distribution_source, spec.distribution)
         counts = plan(run)
+        check_modules(model_skeleton(spec), run.compressor)  # layer shapes vs. the compressor, no weights loaded
         seed_everything(run.seed)
         tokenizer = tokenizer or load_tokenizer(spec)
         cache = TokenCache(cache_root(spec) / "tokens")

@@ -67,3 +67,12 @@ def test_unknown_option_is_one_line(tmp_path, override, message):
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_layer_shape_errors_come_before_the_model_loads(tmp_path):
+    """A group size that does not divide a layer's width is found on a weightless skeleton, in one line."""
+    proc = run_py(tmp_path, "model=tiny-llama", "logger=none", "compressor=gptq", "compressor.groupsize=48", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("mbs: error: layer 0 self_attn.q_proj: compressor.groupsize=48 does not divide "
+                                   "in_features=64")
+    assert not (tmp_path / "results.json").exists()

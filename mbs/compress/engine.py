@@ -186,6 +186,14 @@ def _module_figures(module: nn.Linear) -> dict[str, Any]:
     return {"zeros": zeros, "params": w.numel(), "sparsity": zeros / w.numel()}
 
 
+def check_modules(model: nn.Module, compressor: Compressor) -> None:
+    """Ask the compressor about every module it will see (shapes only: works on a meta-device skeleton)."""
+    adapter = Adapter(model)
+    for i, layer in enumerate(adapter.layers):
+        for name, module in adapter.linears(layer).items():
+            compressor.check(f"layer {i} {name}", module)
+
+
 @torch.no_grad()
 def compress_model(model: nn.Module, compressor: Compressor, calibration: CalibrationSet, config: EngineConfig,
                    observer: StatisticsObserver | None = None, progress: bool = True) -> CompressionReport:
@@ -193,9 +201,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     layers transform it. Embeddings and the LM head are never touched."""
     adapter = Adapter(model)
     layers = adapter.layers
-    for i, layer in enumerate(layers):
-        for name, module in adapter.linears(layer).items():
-            compressor.check(f"layer {i} {name}", module)
+    check_modules(model, compressor)
     start = time.perf_counter()
     report = CompressionReport()
     if compressor.is_noop:

@@ -98,6 +98,28 @@ def load_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
     return model
 
 
+def model_skeleton(spec: ModelSpec) -> nn.Module:
+    """The model's modules with no weights (meta device): shapes to check a config against before loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.source == "tiny":
+        from mbs.models.tiny import tiny_model
+
+        with torch.device("meta"):
+            return tiny_model(spec.tiny_arch, spec.tiny_config)
+    if spec.source == "gguf_package":
+        converted = _converted_dir(spec)
+        if (converted / "config.json").exists():
+            config = AutoConfig.from_pretrained(converted)
+        else:
+            directory, name = _gguf_location(spec)
+            config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    else:
+        config = _from_hub(AutoConfig, spec)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def _save_converted(model: nn.Module, spec: ModelSpec, converted: Path) -> None:
     from transformers import AutoTokenizer
 
