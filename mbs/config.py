@@ -30,7 +30,6 @@ class EvalConfig:
     batch_size: int = 8
     chunk_tokens: int = 256  # tokens per fp32 logits chunk in the loss
     max_windows: int = 0  # per language; 0 = all
-    dense: bool = True  # also evaluate the dense model (for ratios)
     low_resource_share: float = 0.01  # summary: languages below this share (renormalised over languages) are low-resource
 
     def __post_init__(self) -> None:

@@ -102,7 +102,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
                                   progress=run.progress)
 
     t0 = time.perf_counter()
-    dense = evaluate() if run.eval.dense else None
+    dense = evaluate()
     timings["eval_dense_s"] = time.perf_counter() - t0
     model.to(run.engine.offload_device)
 
@@ -116,7 +116,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     timings["total_s"] = time.perf_counter() - t + timings["data_s"]
 
     shares = renormalise(spec.distribution, run.eval.languages) if spec.distribution else {}
-    rows = language_rows(shares, dense or compressed, compressed)
+    rows = language_rows(shares, dense, compressed)
     results = {
         "experiment_id": experiment_id(cfg),  # resume key (mbs/sweep.py)
         "config": OmegaConf.to_container(cfg, resolve=True),
