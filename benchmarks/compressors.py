@@ -129,7 +129,7 @@ def check_same_input_identity(model: nn.Module, state: dict, compressor: Compres
 
 
 def layer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    prefix = {"bloom": "transformer.h.", "llama": "model.layers."}.get(model.config.model_type, "model.layers.")
+    prefix = Adapter(model).arch.layers + "."  # the adapter knows where each architecture keeps its layers
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
