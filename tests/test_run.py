@@ -76,3 +76,13 @@ def test_layer_shape_errors_come_before_the_model_loads(tmp_path):
     assert proc.stderr.strip() == ("mbs: error: layer 0 self_attn.q_proj: compressor.groupsize=48 does not divide "
                                    "in_features=64")
     assert not (tmp_path / "results.json").exists()
+
+
+def test_unreachable_hub_model_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "run.py", "model=bloom-560m", "logger=none", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mbs: error: could not load 'bigscience/bloom-560m'")
+    assert "model.path" in lines[0]

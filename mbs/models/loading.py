@@ -66,7 +66,7 @@ def _from_hub(auto_class, spec: ModelSpec, **kwargs):
         return auto_class.from_pretrained(spec.path, revision=spec.revision, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise RuntimeError(
+        raise ValueError(  # a user-fixable setting: reported in one line before anything heavy runs
             f"could not load {spec.path!r} ({err.__class__.__name__}): it is neither a local directory nor reachable "
             f"on the Hugging Face hub{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}; point model.path at a local "
             f"copy or pre-download it with `huggingface-cli download {spec.path}`"
