@@ -1,5 +1,5 @@
-"""Run loggers: Weights & Biases (offline unless asked otherwise) or nothing. A logger is a context manager so every
-run is finished, also when the job fails."""
+"""Run loggers: Weights & Biases (offline unless asked otherwise) or nothing. Each has start/log_results/finish;
+mbs.pipeline.run calls finish on every path, so a run is closed also when the job fails."""
 from __future__ import annotations
 
 import logging
