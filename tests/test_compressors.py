@@ -6,11 +6,13 @@ from torch import nn
 
 from conftest import ARCHS, calibration, tiny
 from mbs.compress.engine import EngineConfig, compress_model
-from mbs.compress.hessian import DAMP_RETRIES, inverse_cholesky
+from mbs.compress import hessian
+from mbs.compress.hessian import DAMP_RETRIES, inner_size, inverse_cholesky, inverse_upper_factor
+from mbs.compress.masks import lowest_overall, lowest_per_row
 from mbs.compress.pruning import Magnitude, Wanda
 from mbs.compress.quantization import GPTQ, RTN
 from mbs.compress.sparsegpt import SparseGPT
-from mbs.compress.statistics import ColumnSquares, Hessian
+from mbs.compress.statistics import Hessian
 from mbs.models.adapter import Adapter
 
 D_IN, D_OUT, TOKENS = 64, 32, 512
@@ -135,6 +137,75 @@ def test_lazy_blocks_match_one_block(layer_data):
     b = compressed(SparseGPT(n=2, m=4, blocksize=D_IN), w, x)
     assert torch.equal(a == 0, b == 0)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+# ---------------------------------------------------------------- fast paths equal the plain ones
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_equals_a_stable_sort(ties):
+    """kthvalue-based selection prunes exactly what a stable sort would (ties broken by index, lowest first)."""
+    g = torch.Generator().manual_seed(1)
+    score = torch.randint(0, 4, (37, 50), generator=g).float() if ties else torch.rand(37, 50, generator=g)
+    for sparsity in (0.0, 0.3, 0.5, 0.9):
+        k = int(50 * sparsity)
+        per_row = torch.zeros_like(score, dtype=torch.bool)
+        per_row.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(lowest_per_row(score, sparsity), per_row)
+        k = int(score.numel() * sparsity)
+        overall = torch.zeros(score.numel(), dtype=torch.bool)
+        overall[torch.sort(score.flatten(), stable=True).indices[:k]] = True
+        assert torch.equal(lowest_overall(score, sparsity), overall.view_as(score))
+
+
+def test_inner_size_keeps_look_ahead_spans_whole():
+    assert inner_size(128) == inner_size(128, (4,)) == inner_size(128, (16,)) == inner_size(128, (1024,)) == 32
+    assert inner_size(128, (48,)) == 128  # a group of 48 would straddle sub-blocks of 32: one level only
+    assert inner_size(48, ()) == 48  # blocks not made of whole sub-blocks
+
+
+@pytest.mark.parametrize("make, inner", [
+    (lambda: SparseGPT(sparsity=0.5, blocksize=64), 32),
+    (lambda: SparseGPT(n=2, m=4, blocksize=64), 32),
+    (lambda: SparseGPT(sparsity=0.5, bits=4, groupsize=16, blocksize=64), 32),
+    (lambda: GPTQ(bits=3, groupsize=16, blocksize=64), 32),  # groups inside a sub-block
+    (lambda: GPTQ(bits=3, groupsize=64, blocksize=64), 16),  # groups spanning sub-blocks, fitted at their start
+    (lambda: GPTQ(bits=3, groupsize=16, blocksize=48), 24),  # groups would straddle sub-blocks: one level
+    (lambda: GPTQ(bits=3, groupsize=16, blocksize=64, actorder=True), 32),
+])
+def test_two_level_sweep_matches_the_column_by_column_sweep(layer_data, make, inner, monkeypatch):
+    w, x = layer_data
+    monkeypatch.setattr(hessian, "INNER", inner)
+    fast = compressed(make(), w, x)
+    monkeypatch.setattr(hessian, "INNER", 10**6)  # one level: each column updates the rest of its block
+    plain = compressed(make(), w, x)
+    assert torch.equal(fast == 0, plain == 0)
+    assert torch.allclose(fast, plain, atol=1e-4), (fast - plain).abs().max()
+
+
+def test_hessian_upper_blocks_give_the_full_symmetric_product():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 300, generator=g)  # 300 columns: bands of 128, 128, 44 rows
+    stat = Hessian(300, "cpu")
+    stat.update(x[:120])
+    stat.update(x[120:])
+    exact = (2 / 200) * x.double().T @ x.double()
+    matrix = stat.matrix
+    assert torch.equal(matrix, matrix.T)
+    assert torch.allclose(matrix.double(), exact, atol=1e-5 * float(exact.abs().max()))
+
+
+def test_inverse_upper_factor_is_the_upper_cholesky_factor_of_the_inverse(layer_data):
+    _, x = layer_data
+    h = (2 / TOKENS) * x.T @ x
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    u = inverse_upper_factor(h)
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    classic = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    assert torch.allclose(u, classic, rtol=1e-3, atol=1e-5 * float(classic.abs().max()))
+    identity = (u.double().T @ u.double()) @ h.double()
+    assert torch.allclose(identity, torch.eye(D_IN, dtype=torch.float64), atol=1e-3)
+    assert inverse_upper_factor(-torch.eye(4)) is None
 
 
 # ---------------------------------------------------------------- exact patterns and grids

@@ -155,3 +155,47 @@ def test_same_seed_same_masks(tokenizer):
                        progress=False)
         masks.append({k: v == 0 for k, v in prunable(model).items()})
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_mixed_language_batches_are_full_and_keep_every_segment(tokenizer):
+    calib = calibration(tokenizer)
+    mixed = calib.batches(2, by_language=False)  # segments: en 3, sw 2, fr 3
+    assert [b.shape[0] for _, b in mixed] == [2, 2, 2, 2]
+    assert torch.equal(torch.cat([b for _, b in mixed]), torch.cat(list(calib.segments.values())))
+    assert [b.shape[0] for _, b in calib.batches(2)] == [2, 1, 2, 2, 1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_statistics_forwards_stop_after_the_last_linear(arch, tokenizer):
+    """Batches after the first stop at the last Linear call (its input is recorded, its matmul skipped); the
+    statistics equal those of full forwards over the same inputs."""
+    model = tiny(arch)
+    adapter = Adapter(model)
+    captured = capture(adapter, calibration(tokenizer).batches(2, by_language=False), "cpu")
+    layer = adapter.layers[0]
+    linears = adapter.linears(layer)
+    last = list(linears)[-1]
+    runs = []
+    handle = linears[last].register_forward_hook(lambda *_: runs.append(1))
+    try:
+        stats, _ = collect_statistics(layer, adapter, Wanda(), captured.inputs, captured.layer_kwargs[0],
+                                      captured.languages, per_language=False)
+    finally:
+        handle.remove()
+    assert len(captured.inputs) > 1 and len(runs) == 1
+    full = {name: torch.zeros(m.in_features) for name, m in linears.items()}
+
+    def record(name):
+        def pre_hook(module, args):
+            full[name] += args[0].reshape(-1, args[0].shape[-1]).float().square().sum(0)
+
+        return pre_hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
+    try:
+        run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, by_language in stats.items():
+        torch.testing.assert_close(by_language["all"].sum, full[name], rtol=1e-5, atol=1e-6)

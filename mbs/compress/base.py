@@ -16,7 +16,8 @@ class Statistic(Protocol):
     """Accumulates what a compressor needs to know about a Linear module's inputs, always in fp32."""
 
     def update(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs, shaped [tokens, in_features] and already fp32."""
+        """Add a batch of inputs, shaped [tokens, in_features] and already fp32 (a buffer the engine reuses for the
+        next batch: do not keep a reference to it)."""
 
     def merge(self, other: "Statistic") -> None:
         """Add another statistic of the same module (e.g. of another language) into this one."""

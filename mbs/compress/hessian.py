@@ -33,6 +33,19 @@ class Prepared:
     percdamp: float  # the damping that worked
 
 
+def inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """The upper Cholesky factor U of h⁻¹ (UᵀU = h⁻¹), or None when h is not positive definite.
+
+    With J the reversal permutation, J·h·J = L·Lᵀ gives h = Ũ·Ũᵀ with Ũ = J·L·J upper triangular, so
+    h⁻¹ = Ũ⁻ᵀ·Ũ⁻¹ and U = Ũ⁻¹: one Cholesky and one triangular solve, instead of the reference's Cholesky, inverse
+    and second Cholesky (about 1.3x faster at width 2048 here; the same factor up to rounding)."""
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if info:
+        return None
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
+
+
 def inverse_cholesky(h: torch.Tensor, percdamp: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (h + percdamp·mean(diag h)·I)⁻¹; ``h`` is left untouched.
 
@@ -43,11 +56,9 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, name: str) -> tuple[torch
     for attempt in range(DAMP_RETRIES + 1):
         damped = h.clone()
         damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if not info:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if not info and bool(torch.isfinite(upper).all()):
-                return upper, damp
+        upper = inverse_upper_factor(damped)
+        if upper is not None and bool(torch.isfinite(upper).all()):
+            return upper, damp
         if attempt < DAMP_RETRIES:
             log.warning("%s: Cholesky of the damped Hessian failed with percdamp=%g; retrying with percdamp=%g",
                         name, damp, damp * DAMP_FACTOR)
@@ -79,28 +90,54 @@ BlockFn = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 # column fn: (position, live column, live weight) -> the column's final values, a new tensor (not a view)
 ColumnFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
+INNER = 32  # columns updated one by one before the rest of the block gets their errors as one product
+
+
+def inner_size(blocksize: int, lookahead: tuple[int, ...] = ()) -> int:
+    """The sub-block width the sweep may use without changing what any column fn sees.
+
+    A column fn that looks ahead (an N:M group, a quantization group fitted when its first column comes) must find
+    the columns it reads as updated as in a column-by-column sweep: true when each look-ahead span either fits in
+    one sub-block or starts at a sub-block boundary, i.e. when span and sub-block width divide one another."""
+    inner = INNER if blocksize % INNER == 0 else blocksize
+    if all(span % inner == 0 or inner % span == 0 for span in lookahead):
+        return inner
+    return blocksize
+
 
 def sweep(weight: torch.Tensor, hinv: torch.Tensor, blocksize: int, column: ColumnFn,
-          block: BlockFn | None = None) -> torch.Tensor:
+          block: BlockFn | None = None, lookahead: tuple[int, ...] = ()) -> torch.Tensor:
     """Process columns left to right: each column is replaced by ``column(...)`` (pruned and/or quantized) and the
-    error, divided by the Cholesky diagonal, is propagated to the later columns of its block at once and to the
-    columns after the block lazily, as one matrix product per block. ``weight`` is updated in place and returned."""
+    error, divided by the Cholesky diagonal, is propagated to the columns not yet processed, lazily at two levels:
+    one by one within a sub-block of INNER columns, as one product from each sub-block to the rest of its block, and
+    as one product from each block to the columns after it. The arithmetic is the reference's (SparseGPT/GPTQ with
+    lazy blocks), summed in a different order; the two levels keep the per-column updates on a slab that stays in
+    cache instead of re-reading the whole block for every column. Columns are processed as contiguous rows of the
+    transposed weight; column fns see the live weight as [rows, cols] (a view). ``lookahead``: the widths of the
+    column spans a column fn reads ahead of its position (see inner_size). ``weight`` is updated in place and
+    returned."""
     cols = weight.shape[1]
+    inner = inner_size(blocksize, lookahead)
+    wt = weight.T.contiguous()  # [cols, rows]: column j is the contiguous row wt[j]
+    live = wt.T
+    err = torch.empty_like(wt)  # scaled errors, row j for column j
+    diag = hinv.diagonal().tolist()
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
-        w1 = weight[:, start:end]
-        h1 = hinv[start:end, start:end]
-        d1 = h1.diagonal()
         if block is not None:
-            block(start, end, w1, d1)
-        err = torch.empty_like(w1)
-        for i in range(end - start):
-            current = w1[:, i]
-            final = column(start + i, current, weight)
-            e = (current - final) / d1[i]
-            w1[:, i:].sub_(e[:, None] * h1[i, i:][None, :])
-            w1[:, i] = final
-            err[:, i] = e
+            block(start, end, live[:, start:end], hinv.diagonal()[start:end])
+        for s0 in range(start, end, inner):
+            s1 = min(s0 + inner, end)
+            for j in range(s0, s1):
+                current = wt[j]
+                final = column(j, current, live)
+                e = torch.sub(current, final, out=err[j]).div_(diag[j])
+                if j + 1 < s1:
+                    wt[j + 1 : s1].addr_(hinv[j, j + 1 : s1], e, alpha=-1.0)
+                current.copy_(final)
+            if s1 < end:
+                wt[s1:end].addmm_(hinv[s0:s1, s1:end].T, err[s0:s1], alpha=-1.0)
         if end < cols:
-            weight[:, end:].sub_(err @ hinv[start:end, end:])
+            wt[end:].addmm_(hinv[start:end, end:].T, err[start:end], alpha=-1.0)
+    weight.copy_(live)
     return weight

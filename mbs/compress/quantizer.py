@@ -96,23 +96,29 @@ class ColumnQuantizer:
             original = weight if perm is None else weight[:, torch.argsort(perm)]
             self.scale, self.zero = spec.fit_groups(original)
             self.g_idx = torch.arange(cols, device=weight.device) // self.width
-            self.position_group = self.g_idx if perm is None else self.g_idx[perm]  # processing position -> group
+            position_group = self.g_idx if perm is None else self.g_idx[perm]
+            self.position_group = position_group.tolist()  # processing position -> group (a list: read per column)
         else:
             self.scales: list[torch.Tensor] = []
             self.zeros: list[torch.Tensor] = []
-            self.position_group = torch.arange(cols, device=weight.device) // self.width
-            self.g_idx = self.position_group if perm is None else self.position_group[torch.argsort(perm)]
+            position_group = torch.arange(cols, device=weight.device) // self.width
+            self.g_idx = position_group if perm is None else position_group[torch.argsort(perm)]
 
     def __call__(self, j: int, column: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Quantize ``column`` (processing position ``j``); ``weight`` is the live weight in processing order."""
         if self.static:
-            g = int(self.position_group[j])
+            g = self.position_group[j]
             return self.spec.quantize(column, self.scale[:, g], self.zero[:, g])
         if j % self.width == 0:
             scale, zero = self.spec.fit(weight[:, j : j + self.width])
             self.scales.append(scale[:, 0])
             self.zeros.append(zero[:, 0])
         return self.spec.quantize(column, self.scales[-1], self.zeros[-1])
+
+    @property
+    def lookahead(self) -> tuple[int, ...]:
+        """Width of the span read ahead of a column (a group fitted when its first column comes), for the sweep."""
+        return () if self.static else (self.width,)
 
     def record(self) -> dict[str, Any]:
         if self.static:

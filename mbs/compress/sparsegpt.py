@@ -73,7 +73,8 @@ class SparseGPT(Pruner):
             out = current.masked_fill(mask[:, j], 0.0)
             return quantizer(j, out, live) if quantizer is not None else out
 
-        sweep(weight, prepared.hinv, self.blocksize, column, block)
+        lookahead = ((self.m,) if self.structured else ()) + (quantizer.lookahead if quantizer is not None else ())
+        sweep(weight, prepared.hinv, self.blocksize, column, block, lookahead)
         module.weight.data.copy_(weight)
         figures: dict[str, Any] = {}
         if prepared.percdamp != self.percdamp:

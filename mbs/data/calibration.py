@@ -10,6 +10,8 @@ import torch
 from mbs.data.cache import TokenCache, stream_key
 from mbs.data.corpora import Corpus
 
+ALL_LANGUAGES = "all"  # the label of a batch, or a statistic, that mixes languages
+
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """The documents of one language and split as one 1-D stream of token ids (no special tokens)."""
@@ -77,9 +79,14 @@ class CalibrationSet:
     def total(self) -> int:
         return sum(t.shape[0] for t in self.segments.values())
 
-    def batches(self, batch_size: int) -> list[tuple[str, torch.Tensor]]:
-        return [(lang, t[i : i + batch_size]) for lang, t in self.segments.items() if t.numel()
-                for i in range(0, t.shape[0], batch_size)]
+    def batches(self, batch_size: int, by_language: bool = True) -> list[tuple[str, torch.Tensor]]:
+        """(language, [b, seqlen]) batches; with ``by_language=False`` every batch is full, segments of consecutive
+        languages sharing one (labelled ALL_LANGUAGES): fewer, larger forwards when nothing is kept per language."""
+        if by_language:
+            return [(lang, t[i : i + batch_size]) for lang, t in self.segments.items() if t.numel()
+                    for i in range(0, t.shape[0], batch_size)]
+        stacked = torch.cat([t for t in self.segments.values() if t.numel()])
+        return [(ALL_LANGUAGES, stacked[i : i + batch_size]) for i in range(0, stacked.shape[0], batch_size)]
 
 
 def build_calibration(tokenizer, corpus: Corpus, counts: Mapping[str, int], seqlen: int, seed: int,
