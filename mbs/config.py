@@ -28,7 +28,7 @@ class EvalConfig:
     languages: list[str] = field(default_factory=lambda: list(PAPER_LANGUAGES))
     corpus: Any = None  # None: the calibration corpus (its evaluation split)
     batch_size: int = 8
-    chunk_tokens: int = 256  # tokens per fp32 logits chunk in the loss
+    chunk_tokens: int = 256  # tokens per loss chunk (its fp32 logits are formed one vocabulary slice at a time)
     max_windows: int = 0  # per language; 0 = all
     low_resource_share: float = 0.01  # summary: languages below this share (renormalised over languages) are low-resource
 

@@ -1,5 +1,5 @@
-"""Per-language perplexity over non-overlapping windows, with the loss computed in chunks of tokens so a large
-vocabulary (Gemma: 262k) never materialises full logits."""
+"""Per-language perplexity over non-overlapping windows, with the loss computed in chunks of tokens and slices of the
+vocabulary, so a large vocabulary (Gemma: 262k) never materialises full logits."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mbs.models.adapter import Adapter
@@ -27,22 +26,50 @@ class LanguageLoss:
         return math.exp(self.mean_nll)
 
 
+VOCAB_SLICE = 4096  # vocabulary entries per logits slab: chunk_tokens x 4096 fp32 values stay in cache
+
+
+def summed_nll(adapter: Adapter, hidden: torch.Tensor, targets: torch.Tensor, vocab_slice: int = VOCAB_SLICE
+               ) -> torch.Tensor:
+    """Σ −log p(target) (fp64) over final hidden states [n, d], forming the fp32 logits one slice of the vocabulary
+    at a time with a running log-sum-exp: neither the full logits nor their log-softmax is ever written out. On
+    Gemma 3 270M this made evaluation 1.65-1.8x faster here and its NLL ~100x closer to an fp64 computation than
+    fp32 cross-entropy on full logits (benchmarks/evaluation.py)."""
+    n = targets.numel()
+    running_max = torch.full((n,), -math.inf, device=hidden.device)
+    scaled_sum = torch.zeros(n, device=hidden.device)  # Σ exp(logit − running_max)
+    target_logit = torch.zeros(n, device=hidden.device)
+    rows = torch.arange(n, device=hidden.device)
+    vocab = adapter.vocab_size
+    for start in range(0, vocab, vocab_slice):
+        end = min(start + vocab_slice, vocab)
+        logits = adapter.logits(hidden, slice(start, end))
+        new_max = torch.maximum(running_max, logits.amax(dim=1))
+        scaled_sum = scaled_sum * torch.exp(running_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+        running_max = new_max
+        inside = (targets >= start) & (targets < end)
+        picked = logits[rows, (targets - start).clamp(0, end - start - 1)]
+        target_logit = torch.where(inside, picked, target_logit)
+    return (running_max + scaled_sum.log() - target_logit).double().sum()
+
+
 @torch.no_grad()
-def window_nll(model: nn.Module, adapter: Adapter, windows: torch.Tensor, chunk_tokens: int) -> tuple[float, int]:
-    """Summed next-token NLL (fp32) over a [batch, length] tensor of windows, and the number of predictions."""
+def window_nll(model: nn.Module, adapter: Adapter, windows: torch.Tensor, chunk_tokens: int,
+               vocab_slice: int = VOCAB_SLICE) -> tuple[float, int]:
+    """Summed next-token NLL over a [batch, length] tensor of windows, and the number of predictions."""
     hidden = model.base_model(input_ids=windows, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = windows[:, 1:].reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for i in range(0, targets.numel(), chunk_tokens):
-        logits = adapter.logits(hidden[i : i + chunk_tokens])
-        total += F.cross_entropy(logits, targets[i : i + chunk_tokens], reduction="sum").double()
+        total += summed_nll(adapter, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens], vocab_slice)
     return float(total), int(targets.numel())
 
 
 @torch.no_grad()
 def evaluate_languages(model: nn.Module, windows: dict[str, list[torch.Tensor]], device: torch.device | str,
-                       batch_size: int = 8, chunk_tokens: int = 1024, progress: bool = True) -> dict[str, LanguageLoss]:
+                       batch_size: int = 8, chunk_tokens: int = 1024, progress: bool = True,
+                       vocab_slice: int = VOCAB_SLICE) -> dict[str, LanguageLoss]:
     """Perplexity of every language; windows of equal length are batched together (the last, shorter window of a
     language runs on its own, so no padding enters the loss)."""
     adapter = Adapter(model)
@@ -61,7 +88,7 @@ def evaluate_languages(model: nn.Module, windows: dict[str, list[torch.Tensor]],
         for same in by_length.values():
             for i in range(0, len(same), batch_size):
                 batch = torch.stack(same[i : i + batch_size]).to(device)
-                batch_nll, batch_tokens = window_nll(model, adapter, batch, chunk_tokens)
+                batch_nll, batch_tokens = window_nll(model, adapter, batch, chunk_tokens, vocab_slice)
                 nll += batch_nll
                 tokens += batch_tokens
         results[language] = LanguageLoss(nll, tokens)

@@ -82,13 +82,20 @@ class Adapter:
         """What a layer that changes nothing returns, in the shape the model's layer loop expects."""
         return (hidden, None) if self.arch.tuple_output else hidden
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-norm'd hidden states to fp32 logits, with the model's logit soft-capping if it has one."""
-        logits = self.model.get_output_embeddings()(hidden).float()
+    def logits(self, hidden: torch.Tensor, vocabulary: slice = slice(None)) -> torch.Tensor:
+        """Final-norm'd hidden states to fp32 logits (of a slice of the vocabulary), with the model's logit
+        soft-capping if it has one."""
+        head = self.model.get_output_embeddings()
+        bias = head.bias[vocabulary] if head.bias is not None else None
+        logits = nn.functional.linear(hidden, head.weight[vocabulary], bias).float()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
 
     def embed_forward_kwargs(self) -> dict:
         """Keyword arguments for a forward that only builds layer inputs."""
