@@ -6,6 +6,7 @@ each one's error against the same loss computed in fp64 on one window per langua
     python benchmarks/evaluation.py                  # Gemma 3 270M (cached in ~/.cache/mbs), 4 languages
     python benchmarks/evaluation.py --languages en,sw --chunk-tokens 1024
     python benchmarks/evaluation.py --tiny           # the tiny Gemma 3 test model, seconds
+    python benchmarks/evaluation.py --device cuda
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny Gemma 3 test model instead")
     parser.add_argument("--languages", default="en,zh-Hans,hi,sw", help="comma-separated evaluation languages")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="eval.chunk_tokens (default: the runs' 256)")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
     args = parser.parse_args()
 
     from hydra import compose, initialize_config_dir
@@ -57,14 +59,19 @@ def main() -> None:
     windows = {lang: prepared.windows[lang] for lang in args.languages.split(",")}
     model = load_model(prepared.run.model, seed=0)
     tokens = sum(w.numel() - 1 for ws in windows.values() for w in ws)
-    print(f"model {prepared.run.model.name} ({next(model.parameters()).dtype}), vocabulary {Adapter(model).vocab_size}, "
+    print(f"model {prepared.run.model.name} ({next(model.parameters()).dtype}), "
+          f"vocabulary {Adapter(model).vocab_size}, "
           f"{len(windows)} languages, {tokens} predicted tokens, chunks of {args.chunk_tokens} tokens, "
           f"{torch.get_num_threads()} threads")
 
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
     def run() -> tuple[float, dict]:
+        synchronize()
         start = time.perf_counter()
-        result = evaluate_languages(model, windows, "cpu", prepared.run.eval.batch_size, args.chunk_tokens,
+        result = evaluate_languages(model, windows, args.device, prepared.run.eval.batch_size, args.chunk_tokens,
                                     progress=False)
+        synchronize()
         return time.perf_counter() - start, result
 
     run()  # warm-up
@@ -85,7 +92,7 @@ def main() -> None:
     print(f"first window of each language, NLL error relative to fp64: {'ours':>10} {'plain':>10}")
     with torch.no_grad():
         for lang, language_windows in windows.items():
-            ids = language_windows[0][None]
+            ids = language_windows[0][None].to(args.device)
             hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
             targets = ids[0, 1:]
             exact = F.cross_entropy(adapter.logits(hidden).double(), targets, reduction="sum")

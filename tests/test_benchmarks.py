@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end on the tiny model (their figures are not asserted: speed is for benchmarks,
+not tests; their own equivalence checks between the two paths are)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script, args, rows", [
+    ("compressors.py", ["--only", "wanda-2:4,sparsegpt,gptq-4b", "--segments", "32"],
+     ["wanda-2:4", "sparsegpt", "gptq-4b"]),
+    ("evaluation.py", ["--languages", "en,sw"], ["en", "sw", "speed-up"]),
+])
+def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for row in rows:
+        assert any(row in line for line in lines), proc.stdout
