@@ -4,8 +4,9 @@
    pass-through, recording the first layer's input and each layer's keyword arguments (masks, rotary tables, alibi:
    they differ between layers and depend on the batch).
 2. Per layer, on the compute device: forward hooks on its Linear modules accumulate the compressor's fp32 statistics
-   per language; Linear modules fed the same tensor (q/k/v, gate/up) share one statistic; the compressor edits the
-   weights; the layer is re-run so the next layer sees compressed outputs; the layer goes back to the offload device.
+   (per language when asked, else over all; batches then mix languages); Linear modules fed the same tensor (q/k/v,
+   gate/up) share one statistic; these forwards stop at the last Linear; the compressor edits the weights; the layer
+   is re-run so the next layer sees compressed outputs; the layer goes back to the offload device.
 """
 from __future__ import annotations
 

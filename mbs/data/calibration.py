@@ -70,8 +70,8 @@ def eval_windows(stream: torch.Tensor, seqlen: int, prefix: list[int], max_windo
 
 @dataclass
 class CalibrationSet:
-    """Calibration segments per language, each a [n, seqlen] tensor; the engine batches within a language so its
-    statistics stay addressable by language."""
+    """Calibration segments per language, each a [n, seqlen] tensor; the engine batches within a language when it
+    keeps statistics per language, and fills every batch across languages otherwise."""
 
     segments: dict[str, torch.Tensor]
 
