@@ -329,6 +329,9 @@ def main() -> None:
         print(f"{key:<15} {ours[0] / n:8.3f} {ours[1] / n:8.3f} {ref[0] / n:8.3f} {ref[1] / n:8.3f} "
               f"{ref[0] / ours[0]:6.2f}x {ref[1] / ours[1]:6.2f}x  "
               f"{100 * same_input[0]:9.4f}% {same_input[1]:9.1e}   {100 * agreement:9.4f}%", flush=True)
+    if any(not COMPRESSORS[key](groupsize).needs_statistics for key in args.only.split(",")):
+        print("(magnitude and RTN use no calibration data: both paths do the same work on the weights, and ours also "
+              "counts each module's zeros for the report)")
 
 
 if __name__ == "__main__":
