@@ -126,12 +126,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         "languages": rows,
         "summary": summary(rows, run.eval.low_resource_share),
         "compression": {"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,
-                        "zeros": report.zeros, "params": report.params,
-                        "layers": [{"index": layer["index"], "seconds": layer["seconds"],
-                                    "sparsity": sum(m["zeros"] for m in layer["modules"].values())
-                                    / sum(m["params"] for m in layer["modules"].values()),
-                                    "modules": layer["modules"], "shared_inputs": layer.get("shared_inputs", {})}
-                                   for layer in report.layers]},
+                        "zeros": report.zeros, "params": report.params, "layers": report.layers},
         "timings": timings,
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": run.engine.device,
                         "threads": torch.get_num_threads()},

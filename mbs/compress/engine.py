@@ -205,6 +205,14 @@ def merged(by_language: dict[str, Statistic]) -> Statistic:
     return total
 
 
+def _layer_record(index: int, seconds: float, modules: dict[str, dict[str, Any]],
+                  shared_inputs: dict[str, str]) -> dict[str, Any]:
+    zeros = sum(m["zeros"] for m in modules.values())
+    params = sum(m["params"] for m in modules.values())
+    return {"index": index, "seconds": seconds, "sparsity": zeros / params if params else 0.0, "modules": modules,
+            "shared_inputs": shared_inputs}
+
+
 def _module_figures(module: nn.Linear) -> dict[str, Any]:
     w = module.weight
     zeros = int((w == 0).sum())
@@ -230,8 +238,8 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     start = time.perf_counter()
     report = CompressionReport()
     if compressor.is_noop:
-        report.layers = [{"index": i, "seconds": 0.0, "modules": {n: _module_figures(m) for n, m in
-                          adapter.linears(layer).items()}} for i, layer in enumerate(layers)]
+        report.layers = [_layer_record(i, 0.0, {n: _module_figures(m) for n, m in adapter.linears(layer).items()}, {})
+                         for i, layer in enumerate(layers)]
         return report
 
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -271,8 +279,8 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
             if captured is not None and i + 1 < len(layers):
                 captured.inputs = run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
             layer.to(config.offload_device)
-            report.layers.append({"index": i, "seconds": time.perf_counter() - t0, "modules": modules,
-                                  "shared_inputs": {n: g for n, g in leader.items() if n != g}})
+            report.layers.append(_layer_record(i, time.perf_counter() - t0, modules,
+                                               {n: g for n, g in leader.items() if n != g}))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
