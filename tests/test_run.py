@@ -28,6 +28,11 @@ def test_run_end_to_end(tmp_path, arch, compressor):
     assert sum(results["calibration"]["segments"].values()) == 40
     expected = {"wanda": 0.5, "magnitude": 0.5, "dense": 0.0}[compressor]
     assert results["compression"]["sparsity"] == pytest.approx(expected, abs=0.01)
+    for layer in results["compression"]["layers"]:  # Wanda: exact per row, so exact per layer
+        modules = layer["modules"].values()
+        assert layer["sparsity"] == sum(m["zeros"] for m in modules) / sum(m["params"] for m in modules)
+        if compressor != "magnitude":
+            assert layer["sparsity"] == expected
     for row in results["languages"]:
         assert row["ratio"] == pytest.approx(row["compressed_ppl"] / row["dense_ppl"])
         if compressor == "dense":
