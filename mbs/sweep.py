@@ -212,7 +212,7 @@ def sweep_labels(hydra_cfg: Any) -> tuple[str, list[str]]:
 def run_job(cfg: DictConfig, hydra_cfg: Any, runner: Any) -> dict[str, Any] | None:
     """Run one multirun job: skip it if its results exist below the sweep dir (unless force=true), otherwise run it
     and turn any exception into failure.json so that the launcher goes on with the next job."""
-    from mbs.record.results import atomic_write
+    from mbs.atomic import atomic_write
 
     exp_id = experiment_id(cfg)
     output_dir = Path(hydra_cfg.runtime.output_dir)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from mbs.compress.statistics import Hessian
 
@@ -23,6 +25,28 @@ def check_solver(percdamp: float, blocksize: int) -> None:
         raise ValueError(f"compressor.percdamp={percdamp} must be > 0 (a fraction of mean(diag H), e.g. 0.01)")
     if blocksize < 1:
         raise ValueError(f"compressor.blocksize={blocksize} must be >= 1 (e.g. 128)")
+
+
+@dataclass
+class HessianSolver:
+    """Config and statistic shared by the compressors that solve against the inputs' Hessian (SparseGPT, GPTQ);
+    listed before the compressor's own base so its fields and checks join that base's."""
+
+    needs_statistics: ClassVar[bool] = True
+
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]  # the compressor base's own checks first
+        check_solver(self.percdamp, self.blocksize)
+
+    def new_statistic(self, module: nn.Linear) -> Hessian:
+        return Hessian(module.in_features, module.weight.device)
+
+    def damping_figures(self, prepared: "Prepared") -> dict[str, Any]:
+        """The damping actually used, recorded only when a failed factorisation forced it up."""
+        return {"percdamp": prepared.percdamp} if prepared.percdamp != self.percdamp else {}
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mbs.compress.base import Compressor
-from mbs.compress.hessian import check_solver, prepare, sweep
+from mbs.compress.hessian import HessianSolver, prepare, sweep
 from mbs.compress.quantizer import ColumnQuantizer, QuantSpec, record
 from mbs.compress.statistics import Hessian
 
@@ -55,20 +55,9 @@ class RTN(Quantizing):
 
 
 @dataclass
-class GPTQ(Quantizing):
-    needs_statistics: ClassVar[bool] = True
-
-    percdamp: float = 0.01
-    blocksize: int = 128
+class GPTQ(HessianSolver, Quantizing):
     actorder: bool = False  # process columns by decreasing diag H (most active inputs first)
     static_groups: bool = False  # fit group grids before the sweep on unpermuted columns (act-order keeps groups)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_solver(self.percdamp, self.blocksize)
-
-    def new_statistic(self, module: nn.Linear) -> Hessian:
-        return Hessian(module.in_features, module.weight.device)
 
     def compress(self, name: str, module: nn.Linear, statistic: Hessian) -> dict[str, Any]:
         prepared = prepare(statistic, module.weight, self.percdamp, name, actorder=self.actorder)
@@ -77,7 +66,4 @@ class GPTQ(Quantizing):
         if prepared.perm is not None:
             weight = weight[:, torch.argsort(prepared.perm)]
         module.weight.data.copy_(weight)
-        figures = self._figures(name, quantizer.record())
-        if prepared.percdamp != self.percdamp:
-            figures["percdamp"] = prepared.percdamp
-        return figures
+        return {**self._figures(name, quantizer.record()), **self.damping_figures(prepared)}

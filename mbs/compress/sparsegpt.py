@@ -11,12 +11,12 @@ Mask selection (score w²/[H⁻¹]ᶜ_jj², the Cholesky diagonal, on the weight
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from mbs.compress.hessian import check_solver, prepare, sweep
+from mbs.compress.hessian import HessianSolver, prepare, sweep
 from mbs.compress.masks import lowest_n_of_m, lowest_overall
 from mbs.compress.pruning import Pruner
 from mbs.compress.quantizer import ColumnQuantizer, QuantSpec
@@ -24,18 +24,13 @@ from mbs.compress.statistics import Hessian
 
 
 @dataclass
-class SparseGPT(Pruner):
-    needs_statistics: ClassVar[bool] = True
-
-    percdamp: float = 0.01
-    blocksize: int = 128
+class SparseGPT(HessianSolver, Pruner):
     bits: int = 16  # 16: no quantization; 2-8: quantize the kept weights in the same pass
     sym: bool = False
     groupsize: int = -1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_solver(self.percdamp, self.blocksize)
         self.spec.validate(allow_off=True)
         if self.structured and self.blocksize % self.m:
             raise ValueError(f"compressor.blocksize={self.blocksize} must be a multiple of M={self.m} for N:M")
@@ -53,32 +48,27 @@ class SparseGPT(Pruner):
         super().check(name, module)
         self.spec.check_width(name, module.in_features)
 
-    def new_statistic(self, module: nn.Linear) -> Hessian:
-        return Hessian(module.in_features, module.weight.device)
-
     def compress(self, name: str, module: nn.Linear, statistic: Hessian) -> dict[str, Any]:
         prepared = prepare(statistic, module.weight, self.percdamp, name)
         weight, diag = prepared.weight, prepared.hinv.diagonal()
-        mask = torch.zeros_like(weight, dtype=torch.bool)
+        pruned = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.bool, device=weight.device)  # [col, row]
         quantizer = ColumnQuantizer(self.spec, weight) if self.spec.enabled else None
 
         def block(start: int, end: int, w1: torch.Tensor, d1: torch.Tensor) -> None:
             if not self.structured and self.sparsity:
-                mask[:, start:end] = lowest_overall(w1.square() / d1.square()[None, :], self.sparsity)
+                pruned[start:end] = lowest_overall(w1.square() / d1.square()[None, :], self.sparsity).T
 
         def column(j: int, current: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
             if self.structured and j % self.m == 0:
                 score = live[:, j : j + self.m].square() / diag[j : j + self.m].square()[None, :]
-                mask[:, j : j + self.m] = lowest_n_of_m(score, self.n, self.m)
-            out = current.masked_fill(mask[:, j], 0.0)
+                pruned[j : j + self.m] = lowest_n_of_m(score, self.n, self.m).T
+            out = current.masked_fill(pruned[j], 0.0)  # contiguous, like the sweep's columns
             return quantizer(j, out, live) if quantizer is not None else out
 
         lookahead = ((self.m,) if self.structured else ()) + (quantizer.lookahead if quantizer is not None else ())
         sweep(weight, prepared.hinv, self.blocksize, column, block, lookahead)
         module.weight.data.copy_(weight)
-        figures: dict[str, Any] = {}
-        if prepared.percdamp != self.percdamp:
-            figures["percdamp"] = prepared.percdamp
+        figures = self.damping_figures(prepared)
         if quantizer is not None:
             self.records[name] = quantizer.record()
             figures.update(bits=self.bits, groupsize=self.groupsize)

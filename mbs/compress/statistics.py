@@ -4,27 +4,34 @@ from __future__ import annotations
 import torch
 
 
-class ColumnSquares:
+class TokenSum:
+    """An fp32 sum over tokens and the token count: merging statistics (of other languages) adds both, exactly."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device | str) -> None:
+        self.sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def merge(self, other: "TokenSum") -> None:
+        self.sum += other.sum.to(self.sum.device)
+        self.tokens += other.tokens
+
+
+class ColumnSquares(TokenSum):
     """Sum over tokens of each input feature's square: ||X_j||^2, what Wanda weighs |W| with."""
 
     def __init__(self, in_features: int, device: torch.device | str) -> None:
-        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.tokens = 0
+        super().__init__((in_features,), device)
 
     def update(self, x: torch.Tensor) -> None:
         self.sum += torch.linalg.vecdot(x, x, dim=0)  # Σ x² per column without a squared copy of x
         self.tokens += x.shape[0]
-
-    def merge(self, other: "ColumnSquares") -> None:
-        self.sum += other.sum.to(self.sum.device)
-        self.tokens += other.tokens
 
     @property
     def norm(self) -> torch.Tensor:
         return self.sum.sqrt()
 
 
-class Hessian:
+class Hessian(TokenSum):
     """H = (2/n)·Σ xxᵀ over the n tokens seen, what SparseGPT and GPTQ solve against.
 
     The unscaled sum and the token count are kept apart, so merging statistics of different languages (different n)
@@ -36,18 +43,13 @@ class Hessian:
     BLOCK = 128  # rows of the upper-triangular band computed per product
 
     def __init__(self, in_features: int, device: torch.device | str) -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # upper triangle valid
-        self.tokens = 0
+        super().__init__((in_features, in_features), device)  # only the upper triangle of the sum is valid
 
     def update(self, x: torch.Tensor) -> None:
         width = self.sum.shape[0]
         for s in range(0, width, self.BLOCK):
             self.sum[s : s + self.BLOCK, s:].addmm_(x[:, s : s + self.BLOCK].T, x[:, s:])
         self.tokens += x.shape[0]
-
-    def merge(self, other: "Hessian") -> None:
-        self.sum += other.sum.to(self.sum.device)
-        self.tokens += other.tokens
 
     @property
     def matrix(self) -> torch.Tensor:

@@ -11,10 +11,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
+
+from mbs.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,8 @@ class TokenCache:
         from safetensors.torch import save_file
 
         path = self.path(key)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"ids": ids.contiguous()}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({"ids": ids.contiguous()}, str(tmp), metadata=meta)
         except OSError as err:  # a read-only cache only costs speed
             log.warning("could not write token cache file %s: %s", path, err)
-            tmp.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import importlib.util
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 from mbs.data.languages import LANGUAGES, get_language
@@ -31,6 +32,20 @@ class Corpus(Protocol):
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+
+
+def capped(docs: Iterable[str], max_chars: int) -> list[str]:
+    """Documents in order until ``max_chars`` characters (0: no cap), the last one cut to fit; stops pulling from
+    ``docs`` as soon as the cap is reached, so a stream is read no further than needed."""
+    kept, chars = [], 0
+    for doc in docs:
+        if max_chars:
+            doc = doc[: max_chars - chars]
+        kept.append(doc)
+        chars += len(doc)
+        if max_chars and chars >= max_chars:
+            break
+    return kept
 
 
 def check_available(corpus: Corpus, languages: list[str], what: str) -> None:

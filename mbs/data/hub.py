@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mbs.data.corpora import SPLITS, check_available, check_split
+from mbs.data.corpora import SPLITS, capped, check_available, check_split
 from mbs.data.languages import SOURCE_COLUMNS, codes_in, source_code
 
 _NETWORK_MODULES = ("httpx", "httpcore", "requests", "urllib3", "aiohttp", "huggingface_hub", "fsspec")
@@ -79,18 +79,11 @@ class HubCorpus:
         shared = self.splits["calibration"] == self.splits["evaluation"]
         start = self.max_documents if shared and split == "evaluation" else 0
         url = self.url(language, split)
-        texts, chars = [], 0
         self.rows_read[(language, split)] = 0
+        rows = itertools.islice(self._rows(url, language, split), start, start + self.max_documents)
+        stream = ((row[self.text_field] or "").rstrip("\n") for row in rows)
         try:
-            for row in itertools.islice(self._rows(url, language, split), start, start + self.max_documents):
-                text = (row[self.text_field] or "").rstrip("\n")
-                if self.skip_empty and not text.strip():
-                    continue
-                text = text[: self.max_chars - chars]
-                texts.append(text)
-                chars += len(text)
-                if chars >= self.max_chars:
-                    break
+            texts = capped((t for t in stream if t.strip() or not self.skip_empty), self.max_chars)
         except Exception as err:
             raise self._explain(err, url, language, split) from err
         if not texts:

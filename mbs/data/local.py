@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mbs.data.corpora import SPLITS, check_available, check_split
+from mbs.data.corpora import SPLITS, capped, check_available, check_split
 from mbs.data.languages import LANGUAGES
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
@@ -75,20 +75,7 @@ class LocalCorpus:
                                  f"needs >= 2 to give disjoint calibration and evaluation splits")
             held = max(1, math.ceil(len(docs) * self.eval_fraction))
             docs = docs[-held:] if split == "evaluation" else docs[:-held]
-        return _cap(docs, self.max_documents, self.max_chars)
-
-
-def _cap(docs: list[str], max_documents: int, max_chars: int) -> list[str]:
-    docs = docs[:max_documents] if max_documents else docs
-    if not max_chars:
-        return docs
-    kept, chars = [], 0
-    for doc in docs:
-        if chars >= max_chars:
-            break
-        kept.append(doc[: max_chars - chars])
-        chars += len(kept[-1])
-    return kept
+        return capped(docs[: self.max_documents] if self.max_documents else docs, self.max_chars)
 
 
 def read_documents(path: Path, text_field: str = "text") -> list[str]:

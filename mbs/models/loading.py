@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mbs.atomic import atomic_path
 from mbs.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -123,15 +124,14 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
 def _save_converted(model: nn.Module, spec: ModelSpec, converted: Path) -> None:
     from transformers import AutoTokenizer
 
-    tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
     try:
-        model.hf_quantizer = None  # the GGUF blocks were de-quantized on load: these are plain tensors now
-        model.config.quantization_config = None
-        del model.config.quantization_config
-        model.save_pretrained(tmp)
-        directory, name = _gguf_location(spec)
-        AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(tmp)
-        os.replace(tmp, converted)
+        with atomic_path(converted) as tmp:
+            model.hf_quantizer = None  # the GGUF blocks were de-quantized on load: these are plain tensors now
+            model.config.quantization_config = None
+            del model.config.quantization_config
+            model.save_pretrained(tmp)
+            directory, name = _gguf_location(spec)
+            AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(tmp)
     except OSError as err:  # a read-only cache only costs speed
         log.warning("could not cache the converted model at %s: %s", converted, err)
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from mbs.record.results import LOW_RESOURCE_SHARE, atomic_write
+from mbs.atomic import atomic_write
+from mbs.record.results import LOW_RESOURCE_SHARE
 from mbs.sweep import NON_RESULT_KEYS, Job, collect_jobs, format_status
 
 SEED_KEYS = ("seed",)

@@ -5,30 +5,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from mbs.atomic import atomic_write
+
 COLUMNS = ("language", "share", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory and rename, so a reader never sees half a file and an
-    interrupted run never corrupts an earlier result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def language_rows(shares: dict[str, float], dense: dict[str, Any], compressed: dict[str, Any]) -> list[dict[str, Any]]:
