@@ -18,7 +18,7 @@ from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_w
 from mbs.data.cache import TokenCache
 from mbs.data.corpora import check_available
 from mbs.data.distributions import estimate_from_tokenizer
-from mbs.data.sampling import renormalise
+from mbs.data.sampling import absolute_shares, renormalise
 from mbs.evaluate.perplexity import evaluate_languages
 from mbs.models.loading import cache_root, load_model, load_tokenizer, model_skeleton
 from mbs.record.checkpoint import save_checkpoint
@@ -116,12 +116,14 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     timings["total_s"] = time.perf_counter() - t + timings["data_s"]
 
     shares = renormalise(spec.distribution, run.eval.languages) if spec.distribution else {}
-    rows = language_rows(shares, dense, compressed)
+    distribution = absolute_shares(spec.distribution)
+    rows = language_rows(shares, dense, compressed, distribution)
     results = {
         "experiment_id": experiment_id(cfg),  # resume key (mbs/sweep.py)
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model": {"name": spec.name, "parameters": sum(p.numel() for p in model.parameters()),
-                  "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy},
+                  "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy,
+                  "distribution": distribution},
         "calibration": {"segments": prepared.counts, "seqlen": spec.seqlen, "total": prepared.calibration.total},
         "languages": rows,
         "summary": summary(rows, run.eval.low_resource_share),

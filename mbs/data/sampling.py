@@ -154,3 +154,9 @@ def renormalise(distribution: Mapping[str, float], languages: list[str]) -> dict
         get_language(code)
     mass = sum(float(distribution.get(k, 0.0)) for k in languages)
     return {k: (float(distribution.get(k, 0.0)) / mass if mass > 0 else 0.0) for k in languages}
+
+
+def absolute_shares(distribution: Mapping[str, float]) -> dict[str, float]:
+    """The model's own training shares as fractions of its whole distribution (not of the evaluated languages)."""
+    mass = sum(float(v) for v in distribution.values())
+    return {k: float(v) / mass for k, v in distribution.items()} if mass > 0 else {}

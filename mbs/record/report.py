@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from mbs.atomic import atomic_write
+from mbs.record.figures import save_figure
 from mbs.record.results import LOW_RESOURCE_SHARE
 from mbs.sweep import NON_RESULT_KEYS, Job, collect_jobs, format_status
 
@@ -174,8 +175,7 @@ def plot_degradation(agg: pd.DataFrame, path: Path | None = None, title: str = "
         ax.legend(fontsize=7)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
     return fig
 
 
@@ -204,8 +204,7 @@ def plot_retention(agg: pd.DataFrame, path: Path) -> None:
     if shown["condition"].nunique() > 1:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @dataclass

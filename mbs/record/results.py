@@ -13,13 +13,18 @@ from mbs.atomic import atomic_write
 COLUMNS = ("language", "share", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens")
 
 
-def language_rows(shares: dict[str, float], dense: dict[str, Any], compressed: dict[str, Any]) -> list[dict[str, Any]]:
+def language_rows(shares: dict[str, float], dense: dict[str, Any], compressed: dict[str, Any],
+                  training_shares: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """``shares``: renormalised over the evaluated languages; ``training_shares``: the model's own (absolute) shares,
+    a fraction of its whole distribution (None for a language the distribution does not name)."""
+    training_shares = training_shares or {}
     rows = []
     for language, d in dense.items():
         c = compressed[language]
         rows.append({
             "language": language,
             "share": shares.get(language, 0.0),
+            "training_share": training_shares.get(language),
             "dense_ppl": d.perplexity,
             "compressed_ppl": c.perplexity,
             "ratio": c.perplexity / d.perplexity,
