@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 ID_VERSION = 1  # bump when results of the same config stop being comparable (a metric's definition changes)
 # Keys that do not change results: logging, progress bars, resume control, where files wait or are cached, and a
@@ -69,6 +69,30 @@ def find_results(root: str | Path, exp_id: str) -> Path | None:
                 return path
         except (OSError, ValueError):
             continue
+    return None
+
+
+def finished_in_own_dir(sweep_dir: str | Path, overrides: list[str], cfg: DictConfig) -> Path | None:
+    """Results of this job from an earlier launch into the same sweep directory, found where that launch wrote
+    them: a job directory with the same overrides whose results carry this config's experiment_id (so a changed
+    config file or default still re-runs). The sweeper does not launch such a job at all (on SLURM: submits
+    nothing); results under other overrides are left to run_job, which records the skip in the job's directory."""
+    if cfg.get("force", False):
+        return None
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    exp_id = experiment_id(cfg)
+    for marker in Path(sweep_dir).rglob(".hydra/overrides.yaml"):
+        if list(OmegaConf.load(marker)) != list(overrides):
+            continue
+        directory = marker.parent.parent
+        if (directory / RESULTS).exists() and not (directory / FAILURE).exists():
+            try:
+                if json.loads((directory / RESULTS).read_text()).get("experiment_id") == exp_id:
+                    return directory / RESULTS
+            except (OSError, ValueError):
+                continue
     return None
 
 

@@ -1,8 +1,11 @@
 """Hydra's basic sweeper plus ``grids``: a sweep that is a union of cartesian products. Needed where one axis only
 exists for some conditions (english/mbs/uniform calibration plus ``sampler=monolingual`` x every language; Wanda and
-SparseGPT at 50% plus GPTQ at 3 bits). Without grids it is the basic sweeper. Hydra only loads plugins from the
+SparseGPT at 50% plus GPTQ at 3 bits). Without grids it is the basic sweeper, except that jobs whose results are
+already in their directory (same sweep dir, same overrides, same experiment id) are not launched: on SLURM a resumed
+sweep submits only what is left. Hydra only loads plugins from the
 ``hydra_plugins`` package, hence this module; the expansion itself is mbs.sweep.expand (the report uses it too)."""
 
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -34,6 +37,21 @@ class GridsSweeper(BasicSweeper):
         from mbs.sweep import expand
 
         arguments = [o.input_line for o in overrides]
-        jobs = expand(self.params, self.grids, arguments)
+        jobs = [job for num, job in enumerate(expand(self.params, self.grids, arguments)) if not self._finished(num, job)]
+        if not jobs:
+            return []  # nothing to launch (a launcher must not get an empty batch: submitit's asserts)
         n = len(jobs) if max_batch_size in (None, -1) else max_batch_size
-        return [jobs[i:i + n] for i in range(0, len(jobs), n)] or [[]]
+        return [jobs[i:i + n] for i in range(0, len(jobs), n)]
+
+    def _finished(self, num: int, job: List[str]) -> bool:
+        """Whether this job's results are already in its directory from an earlier launch into this sweep dir; then
+        it is not launched (on SLURM: not submitted) and the end-of-sweep summary counts it from that directory."""
+        from mbs.sweep import finished_in_own_dir
+
+        assert self.config is not None and self.hydra_context is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(master_config=self.config, sweep_overrides=list(job))
+        path = finished_in_own_dir(self.config.hydra.sweep.dir, job, cfg)
+        if path is not None:
+            print(f"mbs: skipped job {num} ({' '.join(job)}): experiment {json.loads(path.read_text())['experiment_id']} "
+                  f"finished in {path} (force=true re-runs it)", flush=True)
+        return path is not None
