@@ -72,11 +72,24 @@ def test_report_cells_are_the_jobs_numbers(sweep, tmp_path):
 
 def test_rerun_skips_every_finished_job(sweep):
     sweep_dir, _ = sweep
-    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep_dir.glob("*/results.json")}
+    files = [*sweep_dir.glob("*/results.json"), *sweep_dir.glob("*/.hydra/overrides.yaml")]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     proc = multirun(sweep_dir, *GRID)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("mbs: skipped job") == 4
-    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sweep_dir.glob("*/results.json")} == before
+    assert "4 jobs: 4 done" in proc.stdout
+    # not even launched: a launched job rewrites its .hydra files
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+
+
+def test_finished_jobs_are_launched_when_dirs_are_not_named_by_overrides():
+    from hydra_plugins.mbs_sweeper.grids_sweeper import GridsSweeper
+
+    sweeper = GridsSweeper(max_batch_size=None)
+    for overrides, named in [([], True), (["hydra.sweep.subdir=${hydra.job.num}"], False),
+                             (["hydra.job.config.override_dirname.exclude_keys=[seed]"], False)]:
+        sweeper.config = compose_hydra(*overrides)
+        assert sweeper._dirs_named_by_overrides() is named, overrides
 
 
 def test_partial_sweep_names_missing_jobs(sweep, tmp_path):

@@ -2,8 +2,8 @@
 exists for some conditions (english/mbs/uniform calibration plus ``sampler=monolingual`` x every language; Wanda and
 SparseGPT at 50% plus GPTQ at 3 bits). Without grids it is the basic sweeper, except that jobs whose results are
 already in their directory (same sweep dir, same overrides, same experiment id) are not launched: on SLURM a resumed
-sweep submits only what is left. Hydra only loads plugins from the
-``hydra_plugins`` package, hence this module; the expansion itself is mbs.sweep.expand (the report uses it too)."""
+sweep submits only what is left. Hydra only loads plugins from the ``hydra_plugins`` package, hence this module; the
+expansion itself is mbs.sweep.expand (the report uses it too)."""
 
 import json
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -37,11 +38,22 @@ class GridsSweeper(BasicSweeper):
         from mbs.sweep import expand
 
         arguments = [o.input_line for o in overrides]
-        jobs = [job for num, job in enumerate(expand(self.params, self.grids, arguments)) if not self._finished(num, job)]
+        jobs = expand(self.params, self.grids, arguments)
+        if self._dirs_named_by_overrides():
+            jobs = [job for num, job in enumerate(jobs) if not self._finished(num, job)]
         if not jobs:
             return []  # nothing to launch (a launcher must not get an empty batch: submitit's asserts)
         n = len(jobs) if max_batch_size in (None, -1) else max_batch_size
         return [jobs[i:i + n] for i in range(0, len(jobs), n)]
+
+    def _dirs_named_by_overrides(self) -> bool:
+        """Whether each job's directory is named by all of its overrides (Hydra's default subdir). Only then may jobs
+        be left out: the launcher numbers the jobs it gets from 0, so a job launched again gets a new number, and
+        with directories named by number alone it would write into a finished job's directory."""
+        assert self.config is not None
+        hydra = self.config.hydra
+        subdir = str(OmegaConf.to_container(hydra.sweep, resolve=False).get("subdir"))
+        return "hydra.job.override_dirname" in subdir and not hydra.job.config.override_dirname.exclude_keys
 
     def _finished(self, num: int, job: List[str]) -> bool:
         """Whether this job's results are already in its directory from an earlier launch into this sweep dir; then
