@@ -36,7 +36,7 @@ def slurm_jobs() -> list[tuple[str, str]]:
     for _ in range(120):
         proc = subprocess.run(["sacct", "-n", "-X", "-a", "-S", "2000-01-01", "-o", "JobID,State", "--parsable2"],
                               capture_output=True, text=True, timeout=30, check=True)
-        jobs = [tuple(line.split("|")) for line in proc.stdout.split()]
+        jobs = [tuple(line.split("|")) for line in proc.stdout.splitlines() if line]
         if not any(state in ("PENDING", "RUNNING", "COMPLETING") for _, state in jobs):
             return jobs
         time.sleep(0.5)
