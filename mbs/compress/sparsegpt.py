@@ -52,7 +52,7 @@ class SparseGPT(HessianSolver, Pruner):
         prepared = prepare(statistic, module.weight, self.percdamp, name)
         weight, diag = prepared.weight, prepared.hinv.diagonal()
         pruned = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.bool, device=weight.device)  # [col, row]
-        quantizer = ColumnQuantizer(self.spec, weight) if self.spec.enabled else None
+        quantizer = ColumnQuantizer(self.spec, weight, self.blocksize) if self.spec.enabled else None
 
         def block(start: int, end: int, w1: torch.Tensor, d1: torch.Tensor) -> None:
             if not self.structured and self.sparsity:
@@ -65,8 +65,7 @@ class SparseGPT(HessianSolver, Pruner):
             out = current.masked_fill(pruned[j], 0.0)  # contiguous, like the sweep's columns
             return quantizer(j, out, live) if quantizer is not None else out
 
-        lookahead = ((self.m,) if self.structured else ()) + (quantizer.lookahead if quantizer is not None else ())
-        sweep(weight, prepared.hinv, self.blocksize, column, block, lookahead)
+        sweep(weight, prepared.hinv, self.blocksize, column, block, (self.m,) if self.structured else ())
         module.weight.data.copy_(weight)
         figures = self.damping_figures(prepared)
         if quantizer is not None:
