@@ -3,10 +3,14 @@ weights of each row to compensate (OBS), column by column in lazy blocks; option
 the same pass (joint sparsification and quantization, as in the paper).
 
 Mask selection (score w²/[H⁻¹]ᶜ_jj², the Cholesky diagonal, on the weights as updated so far):
-- unstructured: per block of ``blocksize`` columns, when the block starts, exactly int(rows·block_columns·sparsity)
-  weights of the block (over all its rows, as the reference does), so each block, and hence the matrix when
+- unstructured: per block of ``blocksize`` columns, when the block starts, exactly k = int(rows·block_columns·sparsity)
+  weights of the block, chosen over all its rows as in the reference; the reference zeroes every weight scoring
+  <= the k-th sorted score (k+1, more on ties), this keeps exact k, so each block, and hence the matrix when
   rows·blocksize·sparsity is an integer, has the exact target sparsity;
 - N:M: every m columns, when the sweep reaches them, the n lowest of each row (n zeros in every m).
+
+Joint quantization uses the GPTQ grid (mbs/compress/quantizer.py); the reference fits one grid per row only, groups
+(``groupsize``) are fitted as the reference GPTQ fits them.
 """
 from __future__ import annotations
 
