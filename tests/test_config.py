@@ -33,6 +33,8 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         for code in ("en", "sw"):
             (tmp_path / f"{code}.txt").write_text("some text\n" * 20)
         overrides += [f"data.path={tmp_path}", "eval.languages=[en,sw]"]
+    if option == "fineweb2":  # no zh-Hant: its cmn_Hani subset mixes both scripts
+        overrides.append("eval.languages=[en,sw,zh-Hans]")
     if option == "wikitext2":  # English only
         overrides += ["eval=wikitext2", "sampler=english"] if group == "data" else ["sampler=english"]
     cfg = compose_run(*overrides)

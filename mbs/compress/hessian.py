@@ -95,8 +95,9 @@ def prepare(statistic: Hessian, weight: torch.Tensor, percdamp: float, name: str
     """Dead inputs (diag H = 0: never active) get diag 1 and their weight column zeroed, as they cannot be
     compensated; act-order permutes columns by decreasing diag H; then damping and the inverse Cholesky factor.
     The (possibly shared) statistic is never modified."""
-    h = statistic.matrix.to(weight.device)
-    w = weight.detach().float().clone()
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # fp32, or float64 kept (tests)
+    h = statistic.matrix.to(weight.device, dtype)
+    w = weight.detach().to(dtype).clone()
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
@@ -120,8 +121,8 @@ INNER = 32  # columns updated one by one before the rest of the block gets their
 def inner_size(blocksize: int, lookahead: tuple[int, ...] = ()) -> int:
     """The sub-block width the sweep may use without changing what any column fn sees.
 
-    A column fn that looks ahead (an N:M group, a quantization group fitted when its first column comes) must find
-    the columns it reads as updated as in a column-by-column sweep: true when each look-ahead span either fits in
+    A column fn that looks ahead (SparseGPT's N:M group, scored on the live weights when its first column comes) must
+    find the columns it reads as updated as in a column-by-column sweep: true when each look-ahead span either fits in
     one sub-block or starts at a sub-block boundary, i.e. when span and sub-block width divide one another."""
     inner = INNER if blocksize % INNER == 0 else blocksize
     if all(span % inner == 0 or inner % span == 0 for span in lookahead):

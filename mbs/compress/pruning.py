@@ -59,6 +59,9 @@ class Pruner(Compressor):
 
 @dataclass
 class Magnitude(Pruner):
+    """Exactly k = int(numel·sparsity) lowest |W| per matrix; the reference (Wanda's ``prune_magnitude``) zeroes every
+    weight <= the k-th sorted score, k+1 or more on ties."""
+
     needs_statistics: ClassVar[bool] = False
 
     def score(self, module: nn.Linear, statistic: Any) -> torch.Tensor:

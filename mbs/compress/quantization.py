@@ -61,8 +61,8 @@ class GPTQ(HessianSolver, Quantizing):
 
     def compress(self, name: str, module: nn.Linear, statistic: Hessian) -> dict[str, Any]:
         prepared = prepare(statistic, module.weight, self.percdamp, name, actorder=self.actorder)
-        quantizer = ColumnQuantizer(self.spec, prepared.weight, prepared.perm, self.static_groups)
-        weight = sweep(prepared.weight, prepared.hinv, self.blocksize, quantizer, lookahead=quantizer.lookahead)
+        quantizer = ColumnQuantizer(self.spec, prepared.weight, self.blocksize, prepared.perm, self.static_groups)
+        weight = sweep(prepared.weight, prepared.hinv, self.blocksize, quantizer)
         if prepared.perm is not None:
             weight = weight[:, torch.argsort(prepared.perm)]
         module.weight.data.copy_(weight)

@@ -82,15 +82,17 @@ def record(spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor, g_idx: torc
 
 class ColumnQuantizer:
     """Quantizes the columns of a weight one at a time, in processing order (possibly permuted: act-order), for the
-    sequential solvers: a group's grid is fitted on the current (error-updated) weights when its first column comes,
-    or, per channel and with static groups, once up front on the unpermuted weights, so with act-order the grouping
-    stays the unpermuted one (what a plain g_idx-free export needs). As in the reference GPTQ, a group wider than the
-    sweep's block is fitted before the current block's lazy update has reached its columns past the block."""
+    sequential solvers. Per channel and with static groups, grids are fitted once up front on the unpermuted weights
+    (with act-order the grouping stays the unpermuted one: what a plain g_idx-free export needs). Otherwise each group
+    is fitted as the reference GPTQ (IST-DASLab ``fasterquant``) fits it: on the weights as they stood when the sweep's
+    block holding the group's first column started, i.e. with the updates of earlier blocks but none of the current
+    block's (the reference reads ``W``, which the lazy update only changes at block ends, not the in-block ``W1``).
+    All groups whose first column falls in a block are therefore fitted when that block's first column comes."""
 
-    def __init__(self, spec: QuantSpec, weight: torch.Tensor, perm: torch.Tensor | None = None,
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor, blocksize: int, perm: torch.Tensor | None = None,
                  static_groups: bool = False) -> None:
         rows, cols = weight.shape
-        self.spec, self.perm, self.width = spec, perm, spec.group_width(cols)
+        self.spec, self.perm, self.width, self.blocksize = spec, perm, spec.group_width(cols), blocksize
         self.static = static_groups or spec.groupsize <= 0
         if self.static:
             original = weight if perm is None else weight[:, torch.argsort(perm)]
@@ -109,16 +111,13 @@ class ColumnQuantizer:
         if self.static:
             g = self.position_group[j]
             return self.spec.quantize(column, self.scale[:, g], self.zero[:, g])
-        if j % self.width == 0:
-            scale, zero = self.spec.fit(weight[:, j : j + self.width])
-            self.scales.append(scale[:, 0])
-            self.zeros.append(zero[:, 0])
-        return self.spec.quantize(column, self.scales[-1], self.zeros[-1])
-
-    @property
-    def lookahead(self) -> tuple[int, ...]:
-        """Width of the span read ahead of a column (a group fitted when its first column comes), for the sweep."""
-        return () if self.static else (self.width,)
+        if j % self.blocksize == 0:  # a block starts: every column from j on holds its block-start value
+            end = min(j + self.blocksize, weight.shape[1])
+            for first in range(-(-j // self.width) * self.width, end, self.width):
+                scale, zero = self.spec.fit(weight[:, first : first + self.width])
+                self.scales.append(scale[:, 0])
+                self.zeros.append(zero[:, 0])
+        return self.spec.quantize(column, self.scales[j // self.width], self.zeros[j // self.width])
 
     def record(self) -> dict[str, Any]:
         if self.static:

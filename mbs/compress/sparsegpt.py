@@ -3,10 +3,14 @@ weights of each row to compensate (OBS), column by column in lazy blocks; option
 the same pass (joint sparsification and quantization, as in the paper).
 
 Mask selection (score w²/[H⁻¹]ᶜ_jj², the Cholesky diagonal, on the weights as updated so far):
-- unstructured: per block of ``blocksize`` columns, when the block starts, exactly int(rows·block_columns·sparsity)
-  weights of the block (over all its rows, as the reference does), so each block, and hence the matrix when
+- unstructured: per block of ``blocksize`` columns, when the block starts, exactly k = int(rows·block_columns·sparsity)
+  weights of the block, chosen over all its rows as in the reference; the reference zeroes every weight scoring
+  <= the k-th sorted score (k+1, more on ties), this keeps exact k, so each block, and hence the matrix when
   rows·blocksize·sparsity is an integer, has the exact target sparsity;
 - N:M: every m columns, when the sweep reaches them, the n lowest of each row (n zeros in every m).
+
+Joint quantization uses the GPTQ grid (mbs/compress/quantizer.py); the reference fits one grid per row only, groups
+(``groupsize``) are fitted as the reference GPTQ fits them.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ class SparseGPT(HessianSolver, Pruner):
         prepared = prepare(statistic, module.weight, self.percdamp, name)
         weight, diag = prepared.weight, prepared.hinv.diagonal()
         pruned = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.bool, device=weight.device)  # [col, row]
-        quantizer = ColumnQuantizer(self.spec, weight) if self.spec.enabled else None
+        quantizer = ColumnQuantizer(self.spec, weight, self.blocksize) if self.spec.enabled else None
 
         def block(start: int, end: int, w1: torch.Tensor, d1: torch.Tensor) -> None:
             if not self.structured and self.sparsity:
@@ -65,8 +69,7 @@ class SparseGPT(HessianSolver, Pruner):
             out = current.masked_fill(pruned[j], 0.0)  # contiguous, like the sweep's columns
             return quantizer(j, out, live) if quantizer is not None else out
 
-        lookahead = ((self.m,) if self.structured else ()) + (quantizer.lookahead if quantizer is not None else ())
-        sweep(weight, prepared.hinv, self.blocksize, column, block, lookahead)
+        sweep(weight, prepared.hinv, self.blocksize, column, block, (self.m,) if self.structured else ())
         module.weight.data.copy_(weight)
         figures = self.damping_figures(prepared)
         if quantizer is not None:

@@ -114,13 +114,26 @@ def check_languages(codes: list[str] | tuple[str, ...], what: str = "language") 
     return codes
 
 
-SOURCE_COLUMNS: tuple[str, ...] = ("udhr", "flores", "cc100", "xlsum", "wikitext")
+# Columns derived from the FLORES-200 codes (ISO 639-3 + script, the convention both sources follow), with the
+# exceptions each source documents:
+# - flores_plus: openlanguagedata/flores_plus renamed Chinese to Mandarin (cmn_Hans, cmn_Hant; its CHANGELOG.md) and
+#   split FLORES-200's aka_Latn into Twi varieties with glottocode suffixes, so Akan is left out rather than guessed.
+# - fineweb2: HuggingFaceFW/fineweb-2 subsets are GlotLID labels (huggingface/fineweb-2 configs/<code>.yml): Chinese is
+#   one cmn_Hani subset (both scripts; mapped to zh-Hans), Persian fas_Arab, Akan twi_Latn; no English (FineWeb's).
+DERIVED_COLUMNS: dict[str, dict[str, str | None]] = {
+    "flores_plus": {"zh-Hans": "cmn_Hans", "zh-Hant": "cmn_Hant", "ak": None},
+    "fineweb2": {"en": None, "zh-Hans": "cmn_Hani", "zh-Hant": None, "fa": "fas_Arab", "ak": "twi_Latn"},
+}
+SOURCE_COLUMNS: tuple[str, ...] = ("udhr", "flores", "cc100", "xlsum", "wikitext", *DERIVED_COLUMNS)
 
 
 def source_code(code: str, column: str) -> str | None:
     """Our code's name in one source (a column of the table), or None where the source lacks the language."""
     if column not in SOURCE_COLUMNS:
         raise ValueError(f"unknown source column {column!r}; the code table has: {', '.join(SOURCE_COLUMNS)}")
+    if column in DERIVED_COLUMNS:
+        exceptions = DERIVED_COLUMNS[column]
+        return exceptions[code] if code in exceptions else get_language(code).flores
     return getattr(get_language(code), column)
 
 
