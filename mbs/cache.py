@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from mbs.atomic import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,11 @@ class Cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock = self._lock(path)
-            lock.acquire()
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("cache: waiting for another run to finish building %s (%s)", what, path)
+                lock.acquire()
         except OSError as err:
             return self._uncached(name, build, what, err)
         try:
@@ -159,9 +165,7 @@ class Cache:
             lock.release()
 
     @staticmethod
-    def _lock(path: Path):
-        from filelock import FileLock
-
+    def _lock(path: Path) -> FileLock:
         return FileLock(str(path.with_name(f".{path.name}.lock")))
 
     def _sweep(self, path: Path, blocking: bool) -> None:
@@ -171,8 +175,6 @@ class Cache:
         if not stale:
             return
         if not blocking:
-            from filelock import Timeout
-
             lock = self._lock(path)
             try:
                 lock.acquire(timeout=0)

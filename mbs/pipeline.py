@@ -172,7 +172,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             write_results(output_dir, results)
         except OSError as err:
             raise ResultsNotWritten(f"could not write the result files to {output_dir} ({err.strerror or err}); "
-                                    f"the table above and the logger hold the results, no file was half-written") from err
+                                    f"the table above and the logger hold the results; no file was half-written"
+                                    ) from err
     except BaseException:
         logger.finish(failed=True)
         raise

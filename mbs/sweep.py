@@ -97,7 +97,8 @@ def local_inputs(config: dict[str, Any]) -> dict[str, Any]:
                 found[f"{where}.{key}"] = {str(p): file_digest(p) for p in files(value)}
     if isinstance(model.get("distribution_tsv"), str) and model["distribution_tsv"]:
         found["model.distribution_tsv"] = {str(p): file_digest(p) for p in files(model["distribution_tsv"])}
-    if model.get("source") == "hub" and isinstance(model.get("path"), str) and Path(model["path"]).expanduser().is_dir():
+    local_model = model.get("source") == "hub" and isinstance(model.get("path"), str)
+    if local_model and Path(model["path"]).expanduser().is_dir():
         found["model.path"] = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files(model["path"])}
     return found
 

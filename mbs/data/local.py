@@ -86,7 +86,8 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); re-encode it as UTF-8") from None
+            raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                             f"re-encode it as UTF-8") from None
         docs = re.split(r"\n\s*\n", text) if path.suffix == ".txt" else _read_jsonl(path, text, text_field)
     return [d.strip() for d in docs if d and d.strip()]
 
@@ -117,8 +118,9 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
                          f"({str(err).splitlines()[0][:120]})") from None
     if text_field not in schema.names:
         raise ValueError(f"{path}: no column {text_field!r}; it has: {', '.join(schema.names)}")
-    if not (pa.types.is_string(schema.field(text_field).type) or pa.types.is_large_string(schema.field(text_field).type)):
-        raise ValueError(f"{path}: column {text_field!r} holds {schema.field(text_field).type}, not strings")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column {text_field!r} holds {kind}, not strings")
     try:
         return pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
     except (pa.ArrowException, OSError) as err:
