@@ -61,9 +61,10 @@ def experiment_id(cfg: DictConfig) -> str:
 
 
 def numeric_environment() -> dict[str, Any]:
-    """What changes the numbers outside the config: CPU reductions are split across threads, so the thread count
-    changes perplexities in the last digits (bn dense 80.15 with 1 thread, 81.16 with 2, on the default model), and
-    kernels and model code change between torch and transformers versions."""
+    """What can change the numbers outside the config: kernels and model code differ between torch and transformers
+    versions, and CPU reductions may be split differently across threads (issue 11 saw bn dense perplexity 80.15 vs
+    81.16 with 1 vs 2 threads; a dense default run on this version was bit-identical with 1 and 2 threads, so the
+    thread count is here as a precaution)."""
     import torch
     import transformers
 

@@ -58,8 +58,8 @@ def test_an_unwritable_output_directory_fails_before_any_work(tmp_path, monkeypa
 
 
 def test_experiment_id_covers_threads_and_local_file_contents(tmp_path):
-    """OMP_NUM_THREADS=1 vs 2 changed the default model's perplexities (issue 11: bn dense 80.15 vs 81.16) under
-    one id; an edited data=local file kept its finished jobs. Both now change the id, so resume re-runs them."""
+    """Runs with another thread count (issue 11: bn dense 80.15 vs 81.16 with 1 vs 2 threads) and with an edited
+    data=local file shared an id, so resume mixed them in; both now change the id, so resume re-runs them."""
     threads = torch.get_num_threads()
     base = experiment_id(composed(*TINY))
     try:
