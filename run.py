@@ -40,7 +40,7 @@ def check_choices(args: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from mbs.pipeline import UserError, format_table, run
+    from mbs.pipeline import ResultsNotWritten, UserError, run
 
     hc = HydraConfig.get()
     if hc.mode.name == "MULTIRUN":
@@ -53,10 +53,12 @@ def main(cfg: DictConfig) -> float | None:
         except UserError as err:  # bad input, caught before the model loads: one line, no traceback
             print(f"mbs: error: {err}", file=sys.stderr)
             sys.exit(2)
+        except ResultsNotWritten as err:  # e.g. a full disk: the table was printed and logged already
+            print(f"mbs: error: {err}", file=sys.stderr)
+            sys.exit(1)
     if results is None:
         return None
-    print(format_table(results))
-    return results["summary"]["mean_log_ratio"]
+    return results["summary"]["mean_log_ratio"]  # the table was printed by the run (or the skip notice)
 
 
 if __name__ == "__main__":

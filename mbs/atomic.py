@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 
@@ -27,10 +27,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write(path: str | Path, text: str) -> None:
     """A text file, synced to disk before it replaces ``path``."""
     with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, text)
+
+
+def atomic_write_all(files: dict[Path, str]) -> None:
+    """Several text files that appear together or not at all: every one is written and synced to a temporary first
+    (a full disk fails here, before any target changes), then all are renamed, the LAST key last (a marker of
+    completeness, e.g. results.json, which resume looks for)."""
+    with ExitStack() as stack:
+        temps = {path: stack.enter_context(atomic_path(path)) for path in reversed(list(files))}
+        for path, tmp in temps.items():
+            _write_synced(tmp, files[path])

@@ -77,6 +77,9 @@ def register(store: ConfigStore | None = None) -> None:
             store.store(group=group, name=name, node=node)
 
 
+MAX_SEED = 2**32 - 1
+
+
 @dataclass
 class Run:
     """The objects a run is made of, built and checked from the composed config."""
@@ -95,6 +98,9 @@ class Run:
 
 def build(cfg: DictConfig) -> Run:
     """Turn the composed config into checked objects; every ValueError raised here names the bad value."""
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} is out of range; allowed: an integer in 0..{MAX_SEED} (numpy's seed range)")
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mbs.compress.engine import check_modules, compress_model
+from mbs.compress.engine import check_device_available, check_modules, compress_model
 from mbs.config import Run, build
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
 from mbs.data.cache import TokenCache
@@ -20,7 +20,7 @@ from mbs.data.corpora import check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares, renormalise
 from mbs.evaluate.perplexity import evaluate_languages
-from mbs.models.loading import cache_root, load_model, load_tokenizer, model_skeleton
+from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
 from mbs.record.checkpoint import save_checkpoint
 from mbs.record.results import language_rows, summary, to_markdown, write_results
 from mbs.sweep import experiment_id
@@ -43,13 +43,30 @@ def plan(run: Run) -> dict[str, int]:
     counts = run.sampler.counts(run.model.distribution)
     check_available(run.data, [k for k, v in counts.items() if v], "calibration languages")
     check_available(run.eval.corpus or run.data, run.eval.languages, "eval.languages")
-    if run.engine.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"engine.device={run.engine.device!r} but no CUDA device is available; use engine.device=cpu")
+    for key in ("device", "offload_device"):
+        check_device_available(getattr(run.engine, key), f"engine.{key}")
     return counts
 
 
 class UserError(ValueError):
     """Bad input, found before the model loads: reported as one line."""
+
+
+class ResultsNotWritten(RuntimeError):
+    """The run finished and its table was printed and logged, but the result files could not be written."""
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any work if the run directory cannot take files (read-only, not a directory, no permission)."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".mbs-write-check"):
+            pass
+    except OSError as err:
+        raise UserError(f"the output directory {directory} is not writable ({err.strerror or err}); set "
+                        f"hydra.run.dir (or hydra.sweep.dir) to a writable directory") from None
 
 
 @dataclass
@@ -77,7 +94,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         check_modules(model_skeleton(spec), run.compressor)  # layer shapes vs. the compressor, no weights loaded
         seed_everything(run.seed)
         tokenizer = tokenizer or load_tokenizer(spec)
-        cache = TokenCache(cache_root(spec) / "tokens")
+        cache = TokenCache(model_cache(spec).root / "tokens")
         calibration = build_calibration(tokenizer, run.data, counts, spec.seqlen, run.seed, spec.prepend_bos,
                                         cache=cache)
         windows = build_eval_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, spec.seqlen,
@@ -137,18 +154,26 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         t0 = time.perf_counter()
         save_checkpoint(model, prepared.tokenizer, output_dir / "model")
         timings["save_s"] = time.perf_counter() - t0
-    write_results(output_dir, results)
     return results
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Execute one run with its logger around it; the logger finishes even when the run fails."""
+    """Execute one run with its logger around it; the logger finishes even when the run fails. The table is printed
+    and logged before the result files are written, so a full disk at the end loses neither."""
     output_dir = Path(output_dir)
+    check_writable(output_dir)
     prepared = prepare(cfg)
     logger = prepared.run.logger.start(OmegaConf.to_container(cfg, resolve=True), str(output_dir))
     try:
         results = execute(cfg, prepared, output_dir)
+        print(format_table(results), flush=True)
         logger.log_results(results)
+        try:
+            write_results(output_dir, results)
+        except OSError as err:
+            raise ResultsNotWritten(f"could not write the result files to {output_dir} ({err.strerror or err}); "
+                                    f"the table above and the logger hold the results; no file was half-written"
+                                    ) from err
     except BaseException:
         logger.finish(failed=True)
         raise

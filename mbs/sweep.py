@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-ID_VERSION = 1  # bump when results of the same config stop being comparable (a metric's definition changes)
+ID_VERSION = 2  # bump when results of the same config stop being comparable (a metric's definition changes)
 # Keys that do not change results: logging, progress bars, resume control, where files wait or are cached, and a
 # reporting threshold that the report recomputes from the rows anyway.
 NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "model.cache_dir", "engine.offload_device",
@@ -41,9 +41,10 @@ def _with_types(node: Any) -> Any:
 
 
 def experiment_id(cfg: DictConfig) -> str:
-    """12 hex digits of sha256 over the resolved config (with schema classes) minus NON_RESULT_KEYS; every other key
-    (including ones added later) counts, so two configs share an id only if nothing that can change the numbers
-    differs."""
+    """12 hex digits of sha256 over what determines a run's numbers: the resolved config (with schema classes) minus
+    NON_RESULT_KEYS, every other key counting (including ones added later); the bytes of the local files it reads
+    (:func:`local_inputs`); and the numeric environment (:func:`numeric_environment`). Two runs share an id only if
+    nothing that can change the numbers differs, so resume never returns numbers from other inputs."""
     cfg = OmegaConf.create(cfg) if not OmegaConf.is_config(cfg) else cfg.copy()
     OmegaConf.resolve(cfg)
     data = _with_types(cfg)
@@ -54,8 +55,53 @@ def experiment_id(cfg: DictConfig) -> str:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
-    blob = json.dumps({"v": ID_VERSION, "config": data}, sort_keys=True, default=str, separators=(",", ":"))
+    blob = json.dumps({"v": ID_VERSION, "config": data, "inputs": local_inputs(data),
+                       "environment": numeric_environment()}, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def numeric_environment() -> dict[str, Any]:
+    """What can change the numbers outside the config: kernels and model code differ between torch and transformers
+    versions, and CPU reductions may be split differently across threads (issue 11 saw bn dense perplexity 80.15 vs
+    81.16 with 1 vs 2 threads; a dense default run on this version was bit-identical with 1 and 2 threads, so the
+    thread count is here as a precaution)."""
+    import torch
+    import transformers
+
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def local_inputs(config: dict[str, Any]) -> dict[str, Any]:
+    """Fingerprints of the local files a config reads: data and distribution files by their bytes (xxh3), a local
+    model directory (weights can be many GB) by its files' sizes and modification times."""
+    from mbs.cache import file_digest
+
+    def files(pattern: str) -> list[Path]:
+        root = Path(pattern).expanduser()
+        if root.is_dir():
+            return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if "{" in pattern or "*" in pattern:  # a hub data_files pattern on local disk ({code}, {split} fields)
+            import glob
+            import re
+
+            return sorted(Path(p) for p in glob.glob(re.sub(r"\{[^}]*\}", "*", str(root)), recursive=True)
+                          if Path(p).is_file())
+        return [root] if root.is_file() else []
+
+    found: dict[str, Any] = {}
+    model = config.get("model") or {}
+    corpora = {"data": config.get("data"), "eval.corpus": (config.get("eval") or {}).get("corpus")}
+    for where, corpus in corpora.items():
+        for key in ("path", "data_files"):
+            value = corpus.get(key) if isinstance(corpus, dict) else None
+            if isinstance(value, str) and value:
+                found[f"{where}.{key}"] = {str(p): file_digest(p) for p in files(value)}
+    if isinstance(model.get("distribution_tsv"), str) and model["distribution_tsv"]:
+        found["model.distribution_tsv"] = {str(p): file_digest(p) for p in files(model["distribution_tsv"])}
+    local_model = model.get("source") == "hub" and isinstance(model.get("path"), str)
+    if local_model and Path(model["path"]).expanduser().is_dir():
+        found["model.path"] = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files(model["path"])}
+    return found
 
 
 def find_results(root: str | Path, exp_id: str) -> Path | None:
@@ -247,9 +293,13 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, runner: Any) -> dict[str, Any] | No
         if existing is not None:
             if existing.parent.resolve() != output_dir.resolve():
                 atomic_write(output_dir / SKIPPED, json.dumps({"experiment_id": exp_id, "results": str(existing.resolve())}))
+            from mbs.pipeline import format_table
+
             print(f"mbs: skipped job {job['num']} ({' '.join(job['overrides'])}): experiment {exp_id} finished in "
                   f"{existing} (force=true re-runs it)", flush=True)
-            return json.loads(existing.read_text())
+            results = json.loads(existing.read_text())
+            print(format_table(results), flush=True)  # a run prints its own table (mbs.pipeline.run)
+            return results
     if "group" in cfg.logger and cfg.logger.group is None:
         group, tags = sweep_labels(hydra_cfg)
         cfg.logger.group = group

@@ -345,7 +345,7 @@ def test_token_cache_hit_on_second_run(tmp_path, tokenizer):
         return cal, win
 
     first = run(0)
-    assert counting.calls == 4 and len(list((tmp_path / "tokens").glob("*.safetensors"))) == 4
+    assert counting.calls == 4 and len(list((tmp_path / "tokens").glob("*/ids.safetensors"))) == 4
     corpus.rows_read.clear()
     second = run(0)
     assert counting.calls == 4 and corpus.rows_read == {}  # neither streamed nor tokenized again

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,29 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"engine.batch_size={self.batch_size} must be >= 1")
+        for key in ("device", "offload_device"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not DEVICE.fullmatch(value):
+                raise ValueError(f"engine.{key}={value!r} is not a device; allowed: cpu, cuda, cuda:N, mps, xpu, xpu:N")
+
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?")
+
+
+def check_device_available(device: str, key: str) -> None:
+    """The device exists on this machine (a syntactically valid name can still name a GPU that is not there)."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    if kind == "mps":
+        count = int(torch.backends.mps.is_available())
+    else:
+        backend = getattr(torch, kind)  # torch.cuda, torch.xpu
+        count = backend.device_count() if backend.is_available() else 0
+    if count == 0:
+        raise ValueError(f"{key}={device!r} but no {kind.upper()} device is available; use {key}=cpu")
+    if index and int(index) >= count:
+        raise ValueError(f"{key}={device!r} but this machine has {count} {kind} device(s) (0..{count - 1})")
 
 
 @dataclass

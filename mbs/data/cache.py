@@ -2,24 +2,24 @@
 
 What is cached is the token *stream* of a language and split; calibration segments and evaluation windows are cut
 from it by a seeded ``randint`` and slicing, which costs microseconds. Keying the stream (not the segments) by
-tokenizer, corpus config (and its files' sizes and mtimes), language and split means a sweep over seeds, seqlen,
-segment counts or samplers re-uses it. Files are safetensors written atomically (temp file + ``os.replace``).
+tokenizer, corpus config (and a digest of its local files' bytes), language and split means a sweep over seeds,
+seqlen, segment counts or samplers re-uses it. Each stream is a safetensors file in an :mod:`mbs.cache` entry
+(checksummed, built under a lock, renamed into place).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from mbs.atomic import atomic_path
+from mbs.cache import Cache, file_digest
 
-log = logging.getLogger(__name__)
-
-VERSION = 1  # bump when token_stream() changes what it produces
+VERSION = 2  # bump when token_stream() changes what it produces
+FILE = "ids.safetensors"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -41,10 +41,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def corpus_fingerprint(corpus, language: str, split: str) -> dict:
-    """The corpus config, plus the size and mtime of any local file the text comes from."""
+    """The corpus config, plus the size and content digest of any local file the text comes from."""
     config = dataclasses.asdict(corpus) if dataclasses.is_dataclass(corpus) else {"repr": repr(corpus)}
     files = getattr(corpus, "source_files", None)
-    stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files(language, split)] if files else []
+    stats = [[str(p), p.stat().st_size, file_digest(p)] for p in files(language, split)] if files else []
     return {"class": type(corpus).__name__, "config": config, "files": stats}
 
 
@@ -57,29 +57,19 @@ def stream_key(tokenizer, corpus, language: str, split: str) -> str:
 
 @dataclasses.dataclass
 class TokenCache:
+    """Token streams as entries of an :class:`mbs.cache.Cache` (checked on every load, built under a lock)."""
+
     root: Path
 
-    def path(self, key: str) -> Path:
-        return Path(self.root) / f"{key}.safetensors"
+    def stream(self, key: str, compute: Callable[[], torch.Tensor], meta: dict[str, str]) -> torch.Tensor:
+        """The cached stream of ``key``, or ``compute()``'s, cached for the next run."""
+        from safetensors.torch import load_file, save_file
 
-    def load(self, key: str) -> torch.Tensor | None:
-        from safetensors.torch import load_file
+        built: dict[str, torch.Tensor] = {}
 
-        path = self.path(key)
-        if not path.exists():
-            return None
-        try:
-            return load_file(path)["ids"]
-        except Exception as err:  # a damaged file is only a miss
-            log.warning("ignoring unreadable token cache file %s: %s", path, err)
-            return None
+        def build(directory: Path) -> None:
+            built["ids"] = compute()
+            save_file({"ids": built["ids"].contiguous()}, str(directory / FILE), metadata=meta)
 
-    def save(self, key: str, ids: torch.Tensor, meta: dict[str, str]) -> None:
-        from safetensors.torch import save_file
-
-        path = self.path(key)
-        try:
-            with atomic_path(path) as tmp:
-                save_file({"ids": ids.contiguous()}, str(tmp), metadata=meta)
-        except OSError as err:  # a read-only cache only costs speed
-            log.warning("could not write token cache file %s: %s", path, err)
+        directory = Cache(self.root).entry(key, build, f"token stream {meta.get('language')}/{meta.get('split')}")
+        return built["ids"] if "ids" in built else load_file(directory / FILE)["ids"]

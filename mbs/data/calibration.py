@@ -24,12 +24,9 @@ def language_stream(tokenizer, corpus: Corpus, language: str, split: str,
     """The token stream of one language and split, from the cache when it holds one (no reading, no tokenizing)."""
     if cache is None:
         return token_stream(tokenizer, corpus.texts(language, split))
-    key = stream_key(tokenizer, corpus, language, split)
-    stream = cache.load(key)
-    if stream is None:
-        stream = token_stream(tokenizer, corpus.texts(language, split))
-        cache.save(key, stream, {"corpus": corpus.name, "language": language, "split": split})
-    return stream
+    return cache.stream(stream_key(tokenizer, corpus, language, split),
+                        lambda: token_stream(tokenizer, corpus.texts(language, split)),
+                        {"corpus": corpus.name, "language": language, "split": split})
 
 
 def _prefix(tokenizer, prepend_bos: bool) -> list[int]:

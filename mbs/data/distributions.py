@@ -24,6 +24,9 @@ def read_tsv(path: str | Path) -> dict[str, float]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise ValueError(f"model.distribution_tsv={str(path)!r}: cannot read it ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"model.distribution_tsv={str(path)!r} is not UTF-8 text "
+                         f"(byte {err.start}: {err.reason})") from None
     shares: dict[str, float] = {}
     last = 0
     for number, raw in enumerate(lines, 1):

@@ -79,23 +79,49 @@ class LocalCorpus:
 
 
 def read_documents(path: Path, text_field: str = "text") -> list[str]:
-    """Non-empty documents of one file, in file order."""
-    if path.suffix == ".txt":
-        docs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
-    elif path.suffix == ".jsonl":
-        docs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(json.loads(line)[text_field])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not a JSON object with a {text_field!r} field ({err})") from None
+    """Non-empty documents of one file, in file order; a file that cannot be read as promised is named in one line."""
+    if path.suffix == ".parquet":
+        docs = _read_parquet(path, text_field)
     else:
-        import pyarrow.parquet as pq
-
         try:
-            docs = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-        except (KeyError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) for a missing column
-            raise ValueError(f"{path}: no column {text_field!r} ({str(err).splitlines()[0]})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                             f"re-encode it as UTF-8") from None
+        docs = re.split(r"\n\s*\n", text) if path.suffix == ".txt" else _read_jsonl(path, text, text_field)
     return [d.strip() for d in docs if d and d.strip()]
+
+
+def _read_jsonl(path: Path, text: str, text_field: str) -> list[str]:
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: not a JSON object with a {text_field!r} field ({err})") from None
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{path}:{number}: field {text_field!r} is a {type(value).__name__}, not a string")
+        docs.append(value)
+    return docs
+
+
+def _read_parquet(path: Path, text_field: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path} is not a readable parquet file, it is corrupt or truncated "
+                         f"({str(err).splitlines()[0][:120]})") from None
+    if text_field not in schema.names:
+        raise ValueError(f"{path}: no column {text_field!r}; it has: {', '.join(schema.names)}")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column {text_field!r} holds {kind}, not strings")
+    try:
+        return pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path} is a corrupt parquet file ({str(err).splitlines()[0][:120]})") from None

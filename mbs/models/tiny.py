@@ -2,12 +2,13 @@
 embedded UDHR text, so tests and smoke runs exercise real model code offline in seconds."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from mbs.cache import Cache
 
 TINY_VOCAB = 512
 
@@ -23,12 +24,11 @@ _BASE: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_tokenizer(cache: Path):
+def tiny_tokenizer(cache: Cache | Path):
     """A 512-token byte-level BPE over the UDHR calibration text of the paper's languages (built once, then cached)."""
     from transformers import PreTrainedTokenizerFast
 
-    directory = cache / f"tiny-tokenizer-v1-{TINY_VOCAB}"
-    if not (directory / "tokenizer.json").exists():
+    def train(directory: Path) -> None:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         from mbs.data.corpora import UDHRCorpus
@@ -43,10 +43,10 @@ def tiny_tokenizer(cache: Path):
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-        fast.save_pretrained(tmp)
-        if not directory.exists():
-            os.replace(tmp, directory)
+        fast.save_pretrained(directory)
+
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    directory = cache.entry(f"tiny-tokenizer-v1-{TINY_VOCAB}", train, "tiny tokenizer")
     return PreTrainedTokenizerFast.from_pretrained(directory)
 
 

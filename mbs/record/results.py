@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mbs.atomic import atomic_write
+from mbs.atomic import atomic_write_all
 
 COLUMNS = ("language", "share", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens")
 
@@ -67,7 +67,8 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(directory: Path, results: dict[str, Any]) -> None:
+    """results.csv, .md and .json, together or not at all (results.json, which marks a finished run, renamed last)."""
     directory = Path(directory)
-    atomic_write(directory / "results.json", json.dumps(results, indent=2, default=str))
-    atomic_write(directory / "results.csv", to_csv(results["languages"]))
-    atomic_write(directory / "results.md", to_markdown(results["languages"]))
+    atomic_write_all({directory / "results.csv": to_csv(results["languages"]),
+                      directory / "results.md": to_markdown(results["languages"]),
+                      directory / "results.json": json.dumps(results, indent=2, default=str)})
