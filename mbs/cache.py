@@ -5,8 +5,8 @@ change a result.
 An entry is a directory ``<root>/<name>/`` holding its files and a manifest (``mbs-manifest.json``: size and
 xxh3-128 digest of every file). It is built under a lock (``.<name>.lock``, which concurrent runs wait for, on any
 host sharing the file system) into a temporary sibling (``.<name>.tmp<pid>``) whose manifest is written last, and
-published with one rename: a reader sees a whole entry or none. Every load checks sizes and digests (about 0.1 s per
-500 MB with warm page cache; the 512 MB converted default model costs ~0.1 s per run, measured on 2 shared cores);
+published with one rename: a reader sees a whole entry or none. Every load checks sizes and digests (xxh3 of the
+converted default model's 536 MB weights: 0.09 s from the page cache, 1.3-2 s with 2 cores shared by ~30 processes);
 an entry that fails is reported in one warning line and rebuilt, never used. The digest detects corruption, it is
 not a defence against someone who can write the cache. Temporaries are only ever written under the entry's lock, so
 whoever holds the lock removes any it finds: they were left by killed runs. A cache that cannot be written (read-only,
