@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from mbs.data.corpora import SPLITS, capped, check_available, check_split
 from mbs.data.languages import SOURCE_COLUMNS, codes_in, source_code
+from mbs.extras import require
 
 _NETWORK_MODULES = ("httpx", "httpcore", "requests", "urllib3", "aiohttp", "huggingface_hub", "fsspec")
 
@@ -56,6 +57,7 @@ class HubCorpus:
     skip_empty: bool = True  # drop blank rows (CC-100 separates documents with them)
 
     def __post_init__(self) -> None:
+        require("datasets", "hub", f"data={self.name}")
         if self.column not in SOURCE_COLUMNS or self.column == "udhr":
             raise ValueError(f"data.column={self.column!r} must be one of {', '.join(SOURCE_COLUMNS[1:])}")
         if "{code}" not in self.data_files:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mbs.data.corpora import SPLITS, capped, check_available, check_split
 from mbs.data.languages import LANGUAGES
+from mbs.extras import require
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
@@ -92,6 +93,7 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{number}: not a JSON object with a {text_field!r} field ({err})") from None
     else:
+        require("pyarrow", "hub", f"reading {path}")
         import pyarrow.parquet as pq
 
         try:
