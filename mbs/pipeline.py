@@ -174,4 +174,7 @@ def format_table(results: dict[str, Any]) -> str:
     head += f" · {results['timings']['total_s']:.1f}s"
     if results["model"].get("distribution_is_proxy"):
         head += f"\ntraining shares: {results['model']['distribution_source']}"
+    model_config = results.get("config", {}).get("model", {})
+    if model_config.get("source") == "gguf_package":
+        head += f"\ndense = the de-quantized weights of {model_config.get('gguf_file')}"
     return head + "\n" + to_markdown(results["languages"])
