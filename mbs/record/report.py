@@ -229,13 +229,16 @@ def _geomeans(agg: pd.DataFrame, low_resource_share: float) -> dict[str, pd.Seri
     return out
 
 
-def _ratio_axis(ax, axis: str = "y") -> None:
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+def _ratio_axis(ax, lo: float, hi: float) -> None:
+    """A log ratio axis from lo to hi labelled ×1, ×2, ×5, …; over less than a factor 4 (e.g. 4-bit GPTQ at ×1.1-1.3)
+    decades give no tick, so ticks are then placed at round linear steps."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    target.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
-    target.set_minor_formatter(NullFormatter())
+    ax.set_ylim(lo, hi)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)) if hi / lo >= 4 else
+                               MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_degradation(agg: pd.DataFrame, path: Path | None = None, title: str | None = None,
@@ -286,8 +289,8 @@ def _degradation_bars(agg: pd.DataFrame, conds: list[str], title: str, low_resou
                             va="bottom", fontsize=6.5, rotation=90 if len(conds) > 2 else 0)
         top = max(top, np.nanmax(values * np.exp(ci)))
     ax.set_yscale("log")
-    ax.set_ylim(min(0.9, float(np.nanmin(np.exp(agg["log_ratio"])) * 0.9)), top * 1.8)
-    _ratio_axis(ax)
+    lo = min(0.97, float(np.nanmin(np.exp(agg["log_ratio"] - agg["log_ratio_ci95"].fillna(0)))) / 1.05)
+    _ratio_axis(ax, lo, top * (top / lo) ** 0.3)  # headroom for the legend and the geometric-mean labels
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axvline(len(langs) - 0.2, color="grey", linewidth=0.8, linestyle=":")
     labels = [_share_label(lang, agg.loc[agg["language"] == lang, "training_share_pct"].iloc[0]) for lang in langs]
