@@ -26,6 +26,14 @@ def check_choices(args: list[str]) -> None:
     except Exception:  # let Hydra report syntax errors itself
         return
     for override in overrides:
+        if override.key_or_group == "hydra/launcher" and str(override.value()) != "basic":
+            from mbs.extras import require
+
+            try:
+                require("hydra_plugins.hydra_submitit_launcher", "slurm", f"hydra/launcher={override.value()}")
+            except ValueError as err:
+                print(f"mbs: error: {err}", file=sys.stderr)
+                sys.exit(2)
         group = CONF / override.key_or_group
         if override.is_add() or override.is_delete() or not group.is_dir() or override.key_or_group.startswith("hydra"):
             continue
@@ -58,6 +66,8 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(1)
     if results is None:
         return None
+    if (Path(hc.runtime.output_dir) / "results.json").exists():  # not for a skipped job: it says where its results are
+        print(f"mbs: results in {hc.runtime.output_dir} (results.json, results.csv, results.md)", flush=True)
     return results["summary"]["mean_log_ratio"]  # the table was printed by the run (or the skip notice)
 
 

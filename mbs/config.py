@@ -21,6 +21,7 @@ from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSa
                                UniformSampler)
 from mbs.models.spec import ModelSpec
 from mbs.record.loggers import NoLogger, WandbLogger
+from mbs.record.results import LOW_RESOURCE_SHARE
 
 
 @dataclass
@@ -30,7 +31,9 @@ class EvalConfig:
     batch_size: int = 8
     chunk_tokens: int = 256  # tokens per loss chunk (its fp32 logits are formed one vocabulary slice at a time)
     max_windows: int = 0  # per language; 0 = all
-    low_resource_share: float = 0.01  # summary: languages below this share (renormalised over languages) are low-resource
+    # summary: a language whose training share (a fraction of the model's whole distribution) is below this is
+    # low-resource; 0.01 = 1%
+    low_resource_share: float = LOW_RESOURCE_SHARE
 
     def __post_init__(self) -> None:
         check_languages(self.languages, "eval.languages")
@@ -38,6 +41,9 @@ class EvalConfig:
             raise ValueError("eval.languages is empty; give at least one language")
         if self.batch_size < 1 or self.chunk_tokens < 1 or self.max_windows < 0:
             raise ValueError("eval.batch_size and eval.chunk_tokens must be >= 1 and eval.max_windows >= 0")
+        if not 0 < self.low_resource_share < 1:
+            raise ValueError(f"eval.low_resource_share={self.low_resource_share} must be a fraction in (0, 1) of the "
+                             f"model's training distribution (0.01 = 1%)")
 
 
 @dataclass
@@ -69,12 +75,14 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 
 def register(store: ConfigStore | None = None) -> None:
-    """Register the top-level schema and each group's schemas (idempotent)."""
+    """Register the top-level schema and each group's schemas (idempotent). The schemas are stored at the root, not
+    in their group, so `--help` lists only real options; a group option extends its schema with
+    ``- /<name>_schema@_here_`` in its defaults list."""
     store = store or ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
-    for group, schemas in SCHEMAS.items():
+    for schemas in SCHEMAS.values():
         for name, node in schemas.items():
-            store.store(group=group, name=name, node=node)
+            store.store(name=name, node=node)
 
 
 MAX_SEED = 2**32 - 1

@@ -18,11 +18,12 @@ from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_w
 from mbs.data.cache import TokenCache
 from mbs.data.corpora import check_available
 from mbs.data.distributions import estimate_from_tokenizer
-from mbs.data.sampling import absolute_shares, renormalise
+from mbs.data.sampling import absolute_shares
 from mbs.evaluate.perplexity import evaluate_languages
 from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
 from mbs.record.checkpoint import save_checkpoint
-from mbs.record.results import language_rows, summary, to_markdown, write_results
+from mbs.record.identity import identity
+from mbs.record.results import format_share, language_rows, summary, to_markdown, write_results
 from mbs.sweep import experiment_id
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Prepared:
     calibration: CalibrationSet | None = None
     windows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)  # name, chosen group options, schemas (mbs/record/identity.py)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -102,7 +104,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     except ValueError as err:
         raise UserError(str(err)) from err
     log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)
-    return Prepared(run, counts, tokenizer, calibration, windows, {"data_s": time.perf_counter() - t0})
+    return Prepared(run, counts, tokenizer, calibration, windows, {"data_s": time.perf_counter() - t0}, identity(cfg))
 
 
 def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, Any]:
@@ -132,16 +134,17 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     timings["eval_compressed_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t + timings["data_s"]
 
-    shares = renormalise(spec.distribution, run.eval.languages) if spec.distribution else {}
     distribution = absolute_shares(spec.distribution)
-    rows = language_rows(shares, dense, compressed, distribution)
+    rows = language_rows(dense, compressed, distribution)
     results = {
         "experiment_id": experiment_id(cfg),  # resume key (mbs/sweep.py)
+        "run": prepared.identity,  # name, chosen option of each config group, schema classes
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model": {"name": spec.name, "parameters": sum(p.numel() for p in model.parameters()),
                   "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy,
                   "distribution": distribution},
-        "calibration": {"segments": prepared.counts, "seqlen": spec.seqlen, "total": prepared.calibration.total},
+        "calibration": {"segments": {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()},
+                        "seqlen": spec.seqlen, "total": prepared.calibration.total},
         "languages": rows,
         "summary": summary(rows, run.eval.low_resource_share),
         "compression": {"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,
@@ -163,7 +166,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
     check_writable(output_dir)
     prepared = prepare(cfg)
-    logger = prepared.run.logger.start(OmegaConf.to_container(cfg, resolve=True), str(output_dir))
+    config = {**OmegaConf.to_container(cfg, resolve=True), **{k: v for k, v in prepared.identity.items() if k != "name"}}
+    logger = prepared.run.logger.start(config, str(output_dir), name=prepared.identity["name"])
     try:
         results = execute(cfg, prepared, output_dir)
         print(format_table(results), flush=True)
@@ -182,9 +186,20 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, Any]) -> str:
+    """The console summary: what ran, the geometric-mean ratio over languages (and over low-resource ones), and the
+    per-language table ordered by training share."""
     s = results["summary"]
-    c = results["compression"]
-    head = (f"{results['model']['name']} · {c['method']} · sparsity {c['sparsity']:.4f} · "
-            f"mean ppl ratio {s['mean_ratio']:.3f} (median log ratio {s['median_log_ratio']:.3f}) · "
-            f"{results['timings']['total_s']:.1f}s")
+    name = results.get("run", {}).get("name") or f"{results['model']['name']} · {results['compression']['method']}"
+    head = (f"{name} · achieved sparsity {results['compression']['sparsity']:.4f} · "
+            f"geometric-mean ratio ×{s['geomean_ratio']:.3f} (mean log ratio {s['mean_log_ratio']:.3f}, "
+            f"median {s['median_log_ratio']:.3f})")
+    if s.get("low_resource_geomean_ratio") is not None:
+        head += (f" · low-resource (training share < {format_share(s['low_resource_share'])}%: "
+                 f"{len(s['low_resource_languages'])} languages) ×{s['low_resource_geomean_ratio']:.3f}")
+    head += f" · {results['timings']['total_s']:.1f}s"
+    if results["model"].get("distribution_is_proxy"):
+        head += f"\ntraining shares: {results['model']['distribution_source']}"
+    model_config = results.get("config", {}).get("model", {})
+    if model_config.get("source") == "gguf_package":
+        head += f"\ndense = the de-quantized weights of {model_config.get('gguf_file')}"
     return head + "\n" + to_markdown(results["languages"])

@@ -13,7 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", help="a multirun directory (hydra.sweep.dir), finished or not")
     parser.add_argument("--out", help="where to write the report (default: <sweep_dir>/report)")
     parser.add_argument("--low-resource-share", type=float, default=LOW_RESOURCE_SHARE,
-                        help="languages whose share is below this are low-resource (default %(default)s = 1%%)")
+                        help="a language whose training share (a fraction of the model's whole distribution) is below "
+                             "this is low-resource (default %(default)s = 1%%)")
     args = parser.parse_args(argv)
     report = build_report(args.sweep_dir, args.out, args.low_resource_share)
     print(report.status)

@@ -261,11 +261,15 @@ except ImportError:  # pragma: no cover
 
 class SweepSummary(Callback):
     """Hydra callback (conf/config.yaml hydra.callbacks): at the end of a multirun, print which jobs failed and why,
-    and exit non-zero if any did (the jobs themselves return normally so that the others run)."""
+    how to build the report and upload offline W&B runs, and exit non-zero if any job failed (the jobs themselves
+    return normally so that the others run)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = config.hydra.sweep.dir
         text, ok = format_status(collect_jobs(sweep_dir), sweep_dir)
+        text += f"\nmbs: report (tables and figures): python -m mbs.report {sweep_dir}"
+        if any(Path(sweep_dir).glob("*/wandb/offline-run-*")):
+            text += f"\nmbs: upload the offline W&B runs: wandb sync {sweep_dir}/*/wandb/offline-run-*"
         print(text, file=sys.stdout if ok else sys.stderr, flush=True)
         if not ok:
             raise SystemExit(1)  # Hydra's callback wrapper and run_and_report catch Exception only

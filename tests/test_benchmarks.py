@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m "not slow")
 
 
 @pytest.mark.parametrize("script, args, rows", [

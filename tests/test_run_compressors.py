@@ -9,6 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # run.py in subprocesses (deselect: -m "not slow")
 FAST = ["logger=none", "progress=false", "sampler.segments=12", "eval.languages=[en,fr,sw]", "engine.batch_size=4"]
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, UniformSampler, allocate,
-                               renormalise)
+from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, UniformSampler,
+                               absolute_shares, allocate)
 
 PAPER = {"en": 87, "zh-Hans": 47, "fr": 37, "es": 31, "pt": 14, "ar": 13, "vi": 7, "hi": 4, "id": 3, "bn": 3,
          "ta": 1, "te": 1, "ur": 1, "ne": 1, "mr": 1, "gu": 1, "zh-Hant": 1, "sw": 1, "yo": 1, "ig": 1}
@@ -46,7 +46,8 @@ def test_samplers():
     assert ProportionalSampler(40, 1, ["en", "fr", "sw"]).counts(dist) == {"en": 29, "fr": 10, "sw": 1}
     assert UniformSampler(9, 1, ["en", "fr", "sw"]).counts(dist) == {"en": 3, "fr": 3, "sw": 3}
     assert MonolingualSampler(7, 1, "sw").counts(dist) == {"sw": 7}
-    assert renormalise(dist, ["en", "fr"]) == {"en": 0.75, "fr": 0.25}
+    shares = absolute_shares(dist)  # of the whole distribution, whatever is evaluated
+    assert shares["en"] == pytest.approx(30 / 40.02) and shares["sw"] == pytest.approx(0.02 / 40.02)
 
 
 @pytest.mark.parametrize("call, message", [

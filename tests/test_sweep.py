@@ -40,6 +40,7 @@ def results_by_dir(sweep_dir):
     return {p.parent: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
 
 
+@pytest.mark.slow
 def test_report_cells_are_the_jobs_numbers(sweep, tmp_path):
     sweep_dir, proc = sweep
     assert "4 jobs: 4 done" in proc.stdout
@@ -64,12 +65,13 @@ def test_report_cells_are_the_jobs_numbers(sweep, tmp_path):
             assert float(cells[f"{cond}: compressed_ppl"]) == pytest.approx(row["compressed_ppl"], rel=1e-9)
             assert float(cells[f"{cond}: ratio"]) == pytest.approx(row["ratio"], rel=1e-9)
             assert cells[f"{cond}: n"] == "1" and cells[f"{cond}: ratio_ci95"] == ""  # one seed: no interval
-            assert float(cells["share"]) == pytest.approx(row["share"])
+            assert float(cells["training_share_pct"]) == pytest.approx(100 * row["training_share"])
             assert f"{row['compressed_ppl']:.2f} (×{row['ratio']:.3f})" in md
     header = next(line for line in md.splitlines() if line.startswith("| language |"))
     assert all(f"sampler={s} compressor.sparsity={p}" in header for s in ("english", "uniform") for p in ("0.3", "0.5"))
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_job(sweep):
     sweep_dir, _ = sweep
     files = [*sweep_dir.glob("*/results.json"), *sweep_dir.glob("*/.hydra/overrides.yaml")]
@@ -92,6 +94,7 @@ def test_finished_jobs_are_launched_when_dirs_are_not_named_by_overrides():
         assert sweeper._dirs_named_by_overrides() is named, overrides
 
 
+@pytest.mark.slow
 def test_partial_sweep_names_missing_jobs(sweep, tmp_path):
     sweep_dir, _ = sweep
     partial = tmp_path / "partial"
@@ -105,6 +108,7 @@ def test_partial_sweep_names_missing_jobs(sweep, tmp_path):
     assert report.aggregated["condition"].nunique() == 3
 
 
+@pytest.mark.slow
 def test_one_failing_job_leaves_the_others_and_a_summary(tmp_path):
     proc = multirun(tmp_path, "logger=wandb", "sampler=english", "compressor.sparsity=1.0,0.5")
     assert proc.returncode == 1
@@ -119,14 +123,67 @@ def test_one_failing_job_leaves_the_others_and_a_summary(tmp_path):
     # W&B offline files of the finished job: the per-language table, the sweep's group and the summary metrics
     run_dir = next((ok / "wandb").glob("offline-run-*"))
     table = json.loads(next(run_dir.glob("files/media/table/languages_*.table.json")).read_text())
-    assert table["columns"][:5] == ["language", "training_share", "dense_ppl", "compressed_ppl", "ratio"]
+    assert table["columns"][:5] == ["language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio"]
     assert [r[0] for r in table["data"]] == ["en", "sw"]
     assert table["data"][1][3] == pytest.approx(res["languages"][1]["compressed_ppl"])
-    blob = next(run_dir.glob("*.wandb")).read_bytes()
-    assert f"multirun:{tmp_path}".encode() in blob and b"summary/low_resource_mean_log_ratio" in blob
+    run = wandb_records(next(run_dir.glob("*.wandb")))
+    assert run["group"] == f"multirun:{tmp_path}" and run["name"] == "tiny-llama · wanda 0.5 · english · seed 0"
+    assert run["config"]["choices"]["compressor"] == "wanda" and run["config"]["choices"]["sampler"] == "english"
+    assert run["config"]["schemas"]["sampler"] == "mbs.data.sampling.UniformSampler"
+    assert {"compressor:wanda", "sampler:english"} <= set(run["tags"])
+    for row in res["languages"]:
+        lang = row["language"]
+        assert run["summary"][f"ratio/{lang}"] == pytest.approx(row["ratio"])
+        assert run["summary"][f"dense_ppl/{lang}"] == pytest.approx(row["dense_ppl"])
+        assert run["summary"][f"compressed_ppl/{lang}"] == pytest.approx(row["compressed_ppl"])
+    assert run["summary"]["calibration_segments/en"] == res["calibration"]["segments"]["en"] == 20
+    assert run["summary"]["summary/low_resource_mean_log_ratio"] == pytest.approx(
+        res["summary"]["low_resource_mean_log_ratio"])
+    assert {"name": f"results-{res['experiment_id']}", "type": "results", "files": ["results.json"]} in run["artifacts"]
     assert list(run_dir.glob("files/media/images/degradation_plot_*.png"))
+    assert "wandb sync" in proc.stderr  # the end-of-sweep summary says how to upload the offline runs
 
 
+def wandb_records(path):
+    """The run, config, summary and artifacts of an offline .wandb file, read with wandb's own protobuf Records (the
+    file is a leveldb-style log: a 7-byte ':W&B' header, 32 KiB blocks, records framed by crc32/length/type)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, block = Path(path).read_bytes(), 32 * 1024
+    assert raw[:4] == b":W&B"
+    out = {"config": {}, "summary": {}, "artifacts": []}
+    pos, pending = 7, b""
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        chunk, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (2, 3):  # first / middle fragment
+            pending = (pending if kind == 3 else b"") + chunk
+            continue
+        if kind not in (1, 4):
+            continue
+        record = pb.Record()
+        record.ParseFromString(pending + chunk if kind == 4 else chunk)
+        pending = b""
+        which = record.WhichOneof("record_type")
+        if which == "run":
+            out.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags))
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update if i.key})
+        elif which == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
+        elif which == "summary":
+            out["summary"].update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
+        elif which == "artifact":
+            out["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type,
+                                     "files": [m.path for m in record.artifact.manifest.contents]})
+    return out
+
+
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     proc = multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "logger=none",
                     "compressor=dense,magnitude", timeout=400)
@@ -198,9 +255,9 @@ def test_seeds_become_mean_and_t_interval():
     from mbs.sweep import Job
 
     def job(seed, sampler, ppl):
-        rows = [{"language": "en", "share": 0.9, "dense_ppl": 10.0, "compressed_ppl": ppl, "ratio": ppl / 10.0,
+        rows = [{"language": "en", "training_share": 0.9, "dense_ppl": 10.0, "compressed_ppl": ppl, "ratio": ppl / 10.0,
                  "log_ratio": 0.1 * seed, "tokens": 5},
-                {"language": "sw", "share": 0.1, "dense_ppl": 20.0, "compressed_ppl": 2 * ppl, "ratio": ppl / 10.0,
+                {"language": "sw", "training_share": 0.1, "dense_ppl": 20.0, "compressed_ppl": 2 * ppl, "ratio": ppl / 10.0,
                  "log_ratio": 0.2, "tokens": 5}]
         res = {"experiment_id": f"{sampler}{seed}", "config": {"seed": seed}, "languages": rows,
                "compression": {"sparsity": 0.5}}
@@ -215,5 +272,5 @@ def test_seeds_become_mean_and_t_interval():
     assert en["n"] == 3 and en["compressed_ppl"] == pytest.approx(sum(ppls) / 3)
     assert en["compressed_ppl_ci95"] == pytest.approx(half)
     md = markdown(agg, condition_summary(frame(jobs), 0.5), 0.5)
-    assert f"{sum(ppls) / 3:.2f} ± {half:.2f}" in md and "| en | 90.000 |" in md
-    assert "share < 50%" in md and "13.00 (×1.300)" in md
+    assert f"{sum(ppls) / 3:.2f} ± {half:.2f}" in md and "| en | 90 |" in md
+    assert "training share < 50%" in md and "13.00 (×1.300)" in md

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from mbs.data.corpora import SPLITS, check_available, check_split
 from mbs.data.languages import LANGUAGES, SOURCE_COLUMNS, codes_in, get_language, source_code
+from mbs.extras import require
 
 _NETWORK_MODULES = ("httpx", "httpcore", "requests", "urllib3", "aiohttp", "huggingface_hub", "fsspec")
 BATCH_ROWS = 256  # rows converted to Python at a time (pyarrow still reads whole row groups)
@@ -117,6 +118,7 @@ class HubCorpus:
     join_lines: bool = False  # rows are lines and blank rows end documents (CC-100): draw whole documents
 
     def __post_init__(self) -> None:
+        require("datasets", "hub", f"data={self.name}")
         if self.column not in SOURCE_COLUMNS or self.column == "udhr":
             raise ValueError(f"data.column={self.column!r} must be one of {', '.join(SOURCE_COLUMNS[1:])}")
         if "{code}" not in self.data_files + self.text_field:

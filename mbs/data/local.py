@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mbs.data.corpora import SPLITS, capped, check_available, check_split
 from mbs.data.languages import LANGUAGES
+from mbs.extras import require
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
@@ -108,6 +109,7 @@ def _read_jsonl(path: Path, text: str, text_field: str) -> list[str]:
 
 
 def _read_parquet(path: Path, text_field: str) -> list[str]:
+    require("pyarrow", "hub", f"reading {path}")
     import pyarrow as pa
     import pyarrow.parquet as pq
 

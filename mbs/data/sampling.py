@@ -148,14 +148,6 @@ class CountsSampler(Sampler):
         return counts
 
 
-def renormalise(distribution: Mapping[str, float], languages: list[str]) -> dict[str, float]:
-    """Shares over ``languages`` summing to one (the 'training share' reported next to each language)."""
-    for code in languages:
-        get_language(code)
-    mass = sum(float(distribution.get(k, 0.0)) for k in languages)
-    return {k: (float(distribution.get(k, 0.0)) / mass if mass > 0 else 0.0) for k in languages}
-
-
 def absolute_shares(distribution: Mapping[str, float]) -> dict[str, float]:
     """The model's own training shares as fractions of its whole distribution (not of the evaluated languages)."""
     mass = sum(float(v) for v in distribution.values())

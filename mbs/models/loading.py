@@ -2,6 +2,7 @@
 directory, or a tiny randomly initialised model built from a transformers config."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -79,8 +80,45 @@ def _from_hub(auto_class, spec: ModelSpec, **kwargs):
         ) from err
 
 
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Hide transformers' per-load "Loading weights" bar (one per sweep job, noise in logs); download bars stay."""
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # newer transformers only; older ones keep their bar
+    if set_hook is None:
+        yield
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return previous(factory, args, kwargs) if previous else factory(*args, **kwargs)
+
+    previous = set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)
+
+
+def _dequantize_gguf() -> dict:
+    """Ask transformers to de-quantize GGUF blocks on load (what MBS compresses is the de-quantized model); said
+    explicitly so transformers does not first announce that the weights 'stay quantized'."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always de-quantize GGUF files
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
     """The model in eval mode on the CPU, in the spec's dtype; the engine moves layers to the compute device."""
+    with _no_loading_bar():
+        return _load_model(spec, seed)
+
+
+def _load_model(spec: ModelSpec, seed: int) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(spec.dtype)
@@ -131,7 +169,7 @@ def _convert(spec: ModelSpec, dtype: torch.dtype, directory: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir, name = _gguf_location(spec)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=dtype, **_dequantize_gguf())
     model.hf_quantizer = None  # the GGUF blocks were de-quantized on load: these are plain tensors now
     model.config.quantization_config = None
     del model.config.quantization_config

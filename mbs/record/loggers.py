@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class NoLogger:
-    def start(self, config: dict[str, Any], directory: str) -> "NoLogger":
+    def start(self, config: dict[str, Any], directory: str, name: str | None = None) -> "NoLogger":
         return self
 
     def log_results(self, results: dict[str, Any]) -> None:
@@ -29,59 +29,109 @@ class WandbLogger:
     mode: str = "offline"  # offline | online | disabled
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    name: str | None = None
+    name: str | None = None  # None: the run's own name, e.g. "gemma3-270m · wanda 0.5 · mbs · seed 0"
 
     def __post_init__(self) -> None:
         if self.mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logger.mode={self.mode!r} is not one of offline, online, disabled")
         self._run = None
 
-    def start(self, config: dict[str, Any], directory: str) -> "WandbLogger":
+    def start(self, config: dict[str, Any], directory: str, name: str | None = None) -> "WandbLogger":
+        """``config`` holds the resolved config plus ``choices`` (the option of each group) and ``schemas``, so runs
+        can be grouped by ``choices.compressor`` or ``choices.sampler``; the same choices also go in as tags."""
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        self._run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, group=self.group,
-                               tags=list(self.tags), name=self.name, config=config, dir=directory, reinit="create_new")
+        choice_tags = [f"{group}:{option}" for group, option in config.get("choices", {}).items()
+                       if group in ("model", "sampler", "compressor", "data")]
+        tags = list(dict.fromkeys([*self.tags, *choice_tags]))
+        self._run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, group=self.group, tags=tags,
+                               name=self.name or name, config=config, dir=directory, reinit="create_new")
         return self
 
     def log_results(self, results: dict[str, Any]) -> None:
-        """The per-language table (ordered by training share), a bar chart of degradation by language in that order
-        (W&B's own bar plot, and the report's matplotlib figure as an image because W&B may re-sort bars), summary
-        metrics, achieved sparsity and timings. The resolved config went in at start."""
+        """The per-language table (ordered by training share, shares in percent) and a bar chart of it, the report's
+        degradation figure titled with the run, per-language summary values (``dense_ppl/<lang>``,
+        ``compressed_ppl/<lang>``, ``ratio/<lang>``, ``calibration_segments/<lang>``), the summary metrics, achieved
+        sparsity, timings, and results.json as an artifact. The resolved config went in at start."""
         import wandb
 
-        from mbs.record.report import aggregate, frame, plot_degradation
-        from mbs.sweep import Job
+        from mbs.record.results import by_training_share, is_low_resource
 
-        rows = sorted(results["languages"], key=lambda r: (-r["share"], r["language"]))
-        columns = ["language", "training_share", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens"]
-        table = wandb.Table(columns=columns, data=[[r["language"], r["share"], r["dense_ppl"], r["compressed_ppl"],
-                                                    r["ratio"], r["log_ratio"], r["tokens"]] for r in rows])
+        s = results["summary"]
+        rows = by_training_share(results["languages"])
+        segments = results["calibration"]["segments"]
+        columns = ["language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens",
+                   "low_resource", "calibration_segments"]
+        table = wandb.Table(columns=columns, data=[
+            [r["language"], None if r.get("training_share") is None else 100 * r["training_share"], r["dense_ppl"],
+             r["compressed_ppl"], r["ratio"], r["log_ratio"], r["tokens"],
+             is_low_resource(r.get("training_share"), s["low_resource_share"]), segments.get(r["language"], 0)]
+            for r in rows])
+        calibration = wandb.Table(columns=["language", "segments"], data=[[k, v] for k, v in segments.items()])
         logged: dict[str, Any] = {
-            "languages": table,
+            "languages": table, "calibration": calibration,
             "degradation_by_language": wandb.plot.bar(table, "language", "ratio",
                                                       title="Perplexity ratio by language (by training share)")}
-        try:
-            import matplotlib.pyplot as plt
-
-            name = self.name or results["compression"]["method"]
-            fig = plot_degradation(aggregate(frame([Job([], "done", results=results)])).assign(condition=name))
-            logged["degradation_plot"] = wandb.Image(fig)
-            plt.close(fig)
-        except Exception as err:  # noqa: BLE001 - a missing image must not lose the run's numbers
-            log.warning("W&B degradation image not logged: %s", err)
+        image = self._degradation_image(results)
+        if image is not None:
+            logged["degradation_plot"] = image
         self._run.log(logged)
-        s = results["summary"]
         summary: dict[str, Any] = {f"summary/{k}": v for k, v in s.items() if not isinstance(v, list)}
         summary["summary/low_resource_languages"] = ",".join(s.get("low_resource_languages", []))
         summary["experiment_id"] = results.get("experiment_id")
         summary["sparsity/overall"] = results["compression"]["sparsity"]
         summary.update({f"timing/{k}": v for k, v in results["timings"].items()})
-        summary.update({f"ppl_ratio/{r['language']}": r["ratio"] for r in rows})
+        for r in rows:
+            for metric in ("dense_ppl", "compressed_ppl", "ratio", "log_ratio"):
+                summary[f"{metric}/{r['language']}"] = r[metric]
+        summary.update({f"calibration_segments/{k}": v for k, v in segments.items()})
+        summary["calibration_segments/total"] = results["calibration"]["total"]
         for key, value in summary.items():
             self._run.summary[key] = value
+        self._log_artifact(results)
+
+    def _degradation_image(self, results: dict[str, Any]) -> Any:
+        """The report's figure for this one run (W&B's own bar plot may re-sort bars), captioned with the run name."""
+        import wandb
+
+        try:
+            from mbs.record.report import aggregate, frame, plot_degradation
+            from mbs.sweep import Job
+
+            name = self._run.name or results["compression"]["method"]
+            agg = aggregate(frame([Job([], "done", results=results)])).assign(condition=name)
+            fig = plot_degradation(agg, title=name)
+            image = wandb.Image(fig, caption=name)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+            return image
+        except Exception as err:  # noqa: BLE001 - a missing image must not lose the run's numbers
+            log.warning("W&B degradation image not logged: %s", err)
+            return None
+
+    def _log_artifact(self, results: dict[str, Any]) -> None:
+        """results.json (from the dict, so it does not depend on when the file is written) as a versioned artifact
+        named after the experiment id: re-runs of the same experiment become versions of one artifact."""
+        import json
+
+        import wandb
+
+        artifact = wandb.Artifact(f"results-{results.get('experiment_id') or self._run.id}", type="results",
+                                  metadata={"name": self._run.name, **results.get("run", {}).get("choices", {})})
+        with artifact.new_file("results.json", mode="w", encoding="utf-8") as f:
+            f.write(json.dumps(results, indent=2, default=str))
+        self._run.log_artifact(artifact)
 
     def finish(self, failed: bool = False) -> None:
         if self._run is not None:
+            where = self._run.dir and os.path.dirname(self._run.dir)
+            offline = self._run.settings.mode == "offline" if hasattr(self._run, "settings") else self.mode == "offline"
+            url = None if offline else getattr(self._run, "url", None)
             self._run.finish(exit_code=1 if failed else 0)
             self._run = None
+            if offline and where:
+                log.info("W&B offline run: %s (upload it with: wandb sync %s)", where, where)
+            elif url:
+                log.info("W&B run: %s", url)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mbs.atomic import atomic_write
 from mbs.record.figures import save_figure
-from mbs.record.results import LOW_RESOURCE_SHARE
+from mbs.record.results import LOW_RESOURCE_SHARE, format_share
 from mbs.sweep import NON_RESULT_KEYS, Job, collect_jobs, format_status
 
 SEED_KEYS = ("seed",)
@@ -40,8 +40,23 @@ def conditions(jobs: list[Job]) -> dict[int, str]:
     return {i: " ".join(o for o in k if o not in common) or "all" for i, k in enumerate(kept)}
 
 
+def _describe(res: dict[str, Any]) -> dict[str, str]:
+    """Model, method (``wanda 0.5``) and sampler of one run, for figure titles; older results lack ``run``."""
+    from mbs.record.identity import describe_compressor
+
+    run = res.get("run") or {}
+    choices = run.get("choices") or {}
+    config = res.get("config") or {}
+    method = choices.get("compressor") or res.get("compression", {}).get("method", "")
+    method = describe_compressor(method, config.get("compressor") or {}) if method else ""
+    gguf = (config.get("model") or {}).get("source") == "gguf_package"
+    return {"model": (res.get("model") or {}).get("name", ""), "method": method, "sampler": choices.get("sampler", ""),
+            "dense_weights": "de-quantized GGUF" if gguf else ""}
+
+
 def frame(jobs: list[Job]) -> pd.DataFrame:
-    """One row per finished job and language (a result reached by two jobs, e.g. a resumed one, counts once)."""
+    """One row per finished job and language (a result reached by two jobs, e.g. a resumed one, counts once).
+    ``training_share_pct``: the language's share of the model's whole training distribution, in percent."""
     labels = conditions(jobs)
     rows, seen = [], set()
     for i, job in enumerate(jobs):
@@ -52,12 +67,14 @@ def frame(jobs: list[Job]) -> pd.DataFrame:
         if key in seen:
             continue
         seen.add(key)
+        described = _describe(res)
         for r in res["languages"]:
+            share = r.get("training_share")
             rows.append({"condition": labels[i], "seed": res["config"].get("seed"), "experiment_id": key,
-                         "language": r["language"], "share": r["share"], "dense_ppl": r["dense_ppl"],
-                         "compressed_ppl": r["compressed_ppl"], "ratio": r["ratio"], "log_ratio": r["log_ratio"],
-                         "retention": r["dense_ppl"] / r["compressed_ppl"],
-                         "sparsity": res["compression"]["sparsity"]})
+                         "language": r["language"], "training_share_pct": math.nan if share is None else 100 * share,
+                         "dense_ppl": r["dense_ppl"], "compressed_ppl": r["compressed_ppl"], "ratio": r["ratio"],
+                         "log_ratio": r["log_ratio"], "retention": r["dense_ppl"] / r["compressed_ppl"],
+                         "sparsity": res["compression"]["sparsity"], **described})
     return pd.DataFrame(rows)
 
 
@@ -69,27 +86,38 @@ def ci95(values: pd.Series) -> float:
     return float(t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
 
 
+def language_order(agg: pd.DataFrame) -> list[str]:
+    """Languages by training share, largest first; languages with no stated share last."""
+    langs = agg.drop_duplicates("language")
+    return list(langs.sort_values(["training_share_pct", "language"], ascending=[False, True],
+                                  na_position="last")["language"])
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Per condition and language: n (seeds), and mean and ci95 of each metric. Languages ordered by share."""
+    """Per condition and language: n (seeds), and mean and ci95 of each metric. Languages ordered by training share."""
     out = []
     order = list(dict.fromkeys(df["condition"]))
+    described = [c for c in ("model", "method", "sampler", "dense_weights") if c in df]
     for (cond, lang), g in df.groupby(["condition", "language"], sort=False):
-        row: dict[str, Any] = {"condition": cond, "language": lang, "share": g["share"].iloc[0], "n": len(g)}
+        row: dict[str, Any] = {"condition": cond, "language": lang, "training_share_pct": g["training_share_pct"].iloc[0],
+                               "n": len(g), **{c: g[c].iloc[0] for c in described}}
         for m in METRICS + ("sparsity",):
             row[m] = g[m].mean()
             row[f"{m}_ci95"] = ci95(g[m])
         out.append(row)
     agg = pd.DataFrame(out)
     agg["_c"] = agg["condition"].map(order.index)
-    return agg.sort_values(["_c", "share", "language"], ascending=[True, False, True]).drop(columns="_c")
+    agg["_l"] = agg["language"].map(language_order(agg).index)
+    return agg.sort_values(["_c", "_l"]).drop(columns=["_c", "_l"]).reset_index(drop=True)
 
 
 def condition_summary(df: pd.DataFrame, low_resource_share: float = LOW_RESOURCE_SHARE) -> pd.DataFrame:
-    """Per condition, over seeds: mean/median log ratio, mean over low-resource languages (share < threshold),
-    achieved sparsity; each a mean with ci95."""
+    """Per condition, over seeds: mean/median log ratio, the geometric-mean ratio (exp of the mean log ratio), the
+    mean log ratio over low-resource languages (training share below the threshold, a fraction of the model's
+    distribution), achieved sparsity; each a mean over runs with its ci95."""
     per_run = []
     for (cond, exp), g in df.groupby(["condition", "experiment_id"], sort=False):
-        low = g[g["share"] < low_resource_share]
+        low = g[g["training_share_pct"] < 100 * low_resource_share]
         per_run.append({"condition": cond, "mean_log_ratio": g["log_ratio"].mean(),
                         "median_log_ratio": g["log_ratio"].median(),
                         "low_resource_mean_log_ratio": low["log_ratio"].mean() if len(low) else math.nan,
@@ -100,6 +128,8 @@ def condition_summary(df: pd.DataFrame, low_resource_share: float = LOW_RESOURCE
         row: dict[str, Any] = {"condition": cond, "n": len(g)}
         for m in ("mean_log_ratio", "median_log_ratio", "low_resource_mean_log_ratio", "sparsity"):
             row[m], row[f"{m}_ci95"] = g[m].mean(), ci95(g[m])
+        row["geomean_ratio"] = math.exp(row["mean_log_ratio"])
+        row["low_resource_geomean_ratio"] = math.exp(row["low_resource_mean_log_ratio"])
         out.append(row)
     return pd.DataFrame(out)
 
@@ -110,10 +140,19 @@ def _cell(mean: float, ci: float, fmt: str) -> str:
     return format(mean, fmt) + ("" if math.isnan(ci) else " ± " + format(ci, fmt))
 
 
+def _geomean_cell(mean_log: float, ci: float) -> str:
+    """×exp(mean log ratio), with the 95% CI of the mean log ratio mapped through exp (asymmetric)."""
+    if math.isnan(mean_log):
+        return "–"
+    out = f"×{math.exp(mean_log):.3f}"
+    return out if math.isnan(ci) else out + f" [{math.exp(mean_log - ci):.3f}, {math.exp(mean_log + ci):.3f}]"
+
+
 def wide_table(agg: pd.DataFrame) -> pd.DataFrame:
-    """Rows: languages (by share); columns: per condition the compressed ppl, ratio, their ci95 and n."""
-    langs = agg.drop_duplicates("language").sort_values(["share", "language"], ascending=[False, True])
-    table = langs[["language", "share"]].reset_index(drop=True)
+    """Rows: languages (by training share); columns: per condition the compressed ppl, ratio, their ci95 and n."""
+    order = language_order(agg)
+    langs = agg.drop_duplicates("language").set_index("language").loc[order].reset_index()
+    table = langs[["language", "training_share_pct"]].reset_index(drop=True)
     for cond, g in agg.groupby("condition", sort=False):
         g = g.set_index("language")
         for col in ("compressed_ppl", "compressed_ppl_ci95", "ratio", "ratio_ci95", "n"):
@@ -127,10 +166,12 @@ def markdown(agg: pd.DataFrame, summ: pd.DataFrame, low_resource_share: float) -
     conds = list(dict.fromkeys(agg["condition"]))
     wide = wide_table(agg)
     show_dense = wide["dense_ppl"].notna().all()
-    head = ["language", "share %"] + (["dense ppl"] if show_dense else []) + conds
+    head = ["language", "training share %"] + (["dense ppl"] if show_dense else []) + conds
     lines = ["| " + " | ".join(head) + " |", "|---|---:|" + ("---:|" if show_dense else "") + "---:|" * len(conds)]
     for _, r in wide.iterrows():
-        cells = [r["language"], f"{100 * r['share']:.3f}"] + ([f"{r['dense_ppl']:.2f}"] if show_dense else [])
+        share = r["training_share_pct"]
+        cells = [r["language"], format_share(None if math.isnan(share) else share / 100)]
+        cells += [f"{r['dense_ppl']:.2f}"] if show_dense else []
         for c in conds:
             ppl = _cell(r[f"{c}: compressed_ppl"], r[f"{c}: compressed_ppl_ci95"], ".2f")
             ratio = _cell(r[f"{c}: ratio"], r[f"{c}: ratio_ci95"], ".3f")
@@ -138,44 +179,176 @@ def markdown(agg: pd.DataFrame, summ: pd.DataFrame, low_resource_share: float) -
         lines.append("| " + " | ".join(cells) + " |")
     s = summ.set_index("condition")
     pad = [""] * (2 if show_dense else 1)
-    for key, name in (("mean_log_ratio", "mean log ratio"), ("median_log_ratio", "median log ratio"),
-                      ("low_resource_mean_log_ratio", f"low-resource mean log ratio (share < {100 * low_resource_share:g}%)"),
+    low = f"training share < {format_share(low_resource_share)}%"
+    for key, name in (("geomean_ratio", "geometric-mean ratio"), ("mean_log_ratio", "mean log ratio"),
+                      ("median_log_ratio", "median log ratio"),
+                      ("low_resource_geomean_ratio", f"low-resource geometric-mean ratio ({low})"),
+                      ("low_resource_mean_log_ratio", f"low-resource mean log ratio ({low})"),
                       ("sparsity", "achieved sparsity"), ("n", "runs (seeds)")):
-        vals = [str(int(s.loc[c, key])) if key == "n" else _cell(s.loc[c, key], s.loc[c, f"{key}_ci95"], ".4f")
-                for c in conds]
+        if key == "n":
+            vals = [str(int(s.loc[c, key])) for c in conds]
+        elif key.endswith("geomean_ratio"):
+            log_key = key.replace("geomean_ratio", "mean_log_ratio")
+            vals = [_geomean_cell(s.loc[c, log_key], s.loc[c, f"{log_key}_ci95"]) for c in conds]
+        else:
+            vals = [_cell(s.loc[c, key], s.loc[c, f"{key}_ci95"], ".4f") for c in conds]
         lines.append("| " + " | ".join([f"**{name}**"] + pad + vals) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_degradation(agg: pd.DataFrame, path: Path | None = None, title: str = "Perplexity ratio by language"):
-    """Grouped bars from 1 (no change): compressed/dense perplexity per language (ordered by training share) and
-    condition, with 95% CIs over seeds."""
+MAX_BAR_CONDITIONS = 4  # beyond this many conditions the degradation figure is a heatmap
+
+
+def _common(agg: pd.DataFrame, column: str) -> str:
+    values = list(dict.fromkeys(agg[column])) if column in agg else []
+    return str(values[0]) if len(values) == 1 and values[0] else ""
+
+
+def figure_title(agg: pd.DataFrame) -> str:
+    """What every condition shares (model, method with its sparsity, sampler), and a note when the 'dense' model is
+    itself a de-quantized GGUF file."""
+    parts = [p for p in (_common(agg, "model"), _common(agg, "method"), _common(agg, "sampler")) if p]
+    title = " · ".join(parts) or "Perplexity ratio by language"
+    if _common(agg, "dense_weights"):
+        title += f"\n(dense = {_common(agg, 'dense_weights')} weights)"
+    return title
+
+
+def _share_label(language: str, share_pct: float) -> str:
+    """``language`` over its training share (two significant figures, to fit under a bar)."""
+    return f"{language}\n{'–' if math.isnan(share_pct) else format(share_pct, '.2g') + '%'}"
+
+
+def _geomeans(agg: pd.DataFrame, low_resource_share: float) -> dict[str, pd.Series]:
+    """Per condition, the geometric mean of the ratio over all languages and over the low-resource ones."""
+    low = agg[agg["training_share_pct"] < 100 * low_resource_share]
+    out = {"all": agg.groupby("condition", sort=False)["log_ratio"].mean().map(math.exp)}
+    if len(low) and low["language"].nunique() < agg["language"].nunique():
+        out[f"share\n<{format_share(low_resource_share)}%"] = (
+            low.groupby("condition", sort=False)["log_ratio"].mean().map(math.exp))
+    return out
+
+
+def _ratio_axis(ax, lo: float, hi: float) -> None:
+    """A log ratio axis from lo to hi labelled ×1, ×2, ×5, …; over less than a factor 4 (e.g. 4-bit GPTQ at ×1.1-1.3)
+    decades give no tick, so ticks are then placed at round linear steps."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    ax.set_ylim(lo, hi)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)) if hi / lo >= 4 else
+                               MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_degradation(agg: pd.DataFrame, path: Path | None = None, title: str | None = None,
+                     low_resource_share: float = LOW_RESOURCE_SHARE):
+    """Perplexity ratio (compressed / dense, log scale) per language, languages ordered by training share (shown
+    under each label), plus the geometric mean per condition over all and over low-resource languages. Grouped
+    bars for up to MAX_BAR_CONDITIONS conditions (with 95% CIs over seeds, taken on the log ratio), a language ×
+    condition heatmap beyond that. Several seeds: the geometric mean of their ratios."""
     import matplotlib
 
     matplotlib.use("Agg")
+    conds = list(dict.fromkeys(agg["condition"]))
+    title = title or figure_title(agg)
+    if len(conds) > MAX_BAR_CONDITIONS:
+        fig = _degradation_heatmap(agg, conds, title, low_resource_share)
+    else:
+        fig = _degradation_bars(agg, conds, title, low_resource_share)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _degradation_bars(agg: pd.DataFrame, conds: list[str], title: str, low_resource_share: float):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    langs = list(agg.drop_duplicates("language").sort_values(["share", "language"], ascending=[False, True])["language"])
-    conds = list(dict.fromkeys(agg["condition"]))
-    x = np.arange(len(langs))
-    width = 0.8 / max(1, len(conds))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(langs) * max(1, len(conds)) ** 0.5 + 2), 4.2))
+    langs = language_order(agg)
+    means = _geomeans(agg, low_resource_share)
+    n_groups = len(langs) + len(means)
+    x = np.concatenate([np.arange(len(langs)), len(langs) + 0.7 + 1.2 * np.arange(len(means))])
+    width = 0.8 / len(conds)
+    fig, ax = plt.subplots(figsize=(min(12.0, max(5.5, 0.34 * n_groups * max(1.0, len(conds) ** 0.5) + 1.6)), 4.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    top = 1.0
     for k, cond in enumerate(conds):
         g = agg[agg["condition"] == cond].set_index("language").reindex(langs)
-        err = g["ratio_ci95"].fillna(0).to_numpy()
-        ax.bar(x + (k - (len(conds) - 1) / 2) * width, g["ratio"].to_numpy() - 1.0, width, bottom=1.0,
-               yerr=err if err.any() else None, label=cond, capsize=2)  # bars grow from 1 = no change
+        values = np.concatenate([np.exp(g["log_ratio"].to_numpy()), [m.get(cond, np.nan) for m in means.values()]])
+        ci = np.concatenate([g["log_ratio_ci95"].fillna(0).to_numpy(), np.zeros(len(means))])
+        err = np.array([values - values * np.exp(-ci), values * np.exp(ci) - values])
+        pos = x + (k - (len(conds) - 1) / 2) * width
+        ax.bar(pos, values - 1.0, width, bottom=1.0, color=colors[k % len(colors)], label=cond)
+        if ci.any():  # over seeds, per language (the geometric-mean groups carry no interval)
+            n = len(langs)
+            ax.errorbar(pos[:n], values[:n], yerr=err[:, :n], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        for px, v in zip(pos[len(langs):], values[len(langs):]):  # the geometric means carry their value
+            if not np.isnan(v):
+                ax.annotate(f"×{v:.3g}", (px, v), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=6.5, rotation=90 if len(conds) > 2 else 0)
+        top = max(top, np.nanmax(values * np.exp(ci)))
+    ax.set_yscale("log")
+    lo = min(0.97, float(np.nanmin(np.exp(agg["log_ratio"] - agg["log_ratio_ci95"].fillna(0)))) / 1.05)
+    _ratio_axis(ax, lo, top * (top / lo) ** 0.3)  # headroom for the legend and the geometric-mean labels
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(x, langs, rotation=60, ha="right")
-    ax.set_ylabel("perplexity ratio (compressed / dense)")
-    ax.set_xlabel("language (by training share, descending)")
-    ax.set_title(title)
+    ax.axvline(len(langs) - 0.2, color="grey", linewidth=0.8, linestyle=":")
+    labels = [_share_label(lang, agg.loc[agg["language"] == lang, "training_share_pct"].iloc[0]) for lang in langs]
+    ax.set_xticks(x, labels + list(means), fontsize=6.5)
+    ax.text(float(np.mean(x[len(langs):])), 0.98, "geometric\nmean", transform=ax.get_xaxis_transform(),
+            ha="center", va="top", fontsize=7)
+    ax.set_xlim(x[0] - 0.6, x[-1] + 0.6)
+    ax.set_ylabel("perplexity ratio, compressed / dense\n(log scale)", fontsize=8)
+    ax.set_xlabel("language and training share (model's distribution), by share", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", which="major", linewidth=0.4, alpha=0.5)
+    ax.set_axisbelow(True)
     if len(conds) > 1:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, frameon=False, loc="upper left", ncols=min(len(conds), 2))
     fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
+    return fig
+
+
+def _degradation_heatmap(agg: pd.DataFrame, conds: list[str], title: str, low_resource_share: float):
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    langs = language_order(agg)
+    means = _geomeans(agg, low_resource_share)
+    grid = agg.pivot_table(index="condition", columns="language", values="log_ratio", sort=False).reindex(
+        index=conds, columns=langs)
+    for name, m in means.items():
+        grid[name] = m.reindex(conds).map(math.log)
+    values = grid.to_numpy(dtype=float)
+    hi, lo = max(float(np.nanmax(values)), 1e-6), float(np.nanmin(values))
+    if lo < 0:  # some language improved: diverging around ×1
+        norm, cmap = TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi), "RdBu_r"
+    else:
+        norm, cmap = Normalize(vmin=0.0, vmax=hi), "OrRd"
+    cols = values.shape[1]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * cols + 2.5), max(2.4, 0.36 * len(conds) + 1.6)))
+    image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            ratio = math.exp(v)
+            ax.text(j, i, f"{ratio:.3g}", ha="center", va="center", fontsize=6,
+                    color="white" if (norm(v) > 0.65 or (lo < 0 and norm(v) < 0.2)) else "black")
+    ax.axvline(len(langs) - 0.5, color="black", linewidth=1.2)
+    labels = [_share_label(lang, agg.loc[agg["language"] == lang, "training_share_pct"].iloc[0]) for lang in langs]
+    ax.set_xticks(range(cols), labels + [f"geo. mean\n{n.replace(chr(10), ' ')}" for n in means], fontsize=6.5)
+    ax.set_yticks(range(len(conds)), conds, fontsize=7)
+    ax.set_xlabel("language and training share (model's distribution), by share", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    ticks: list[float] = []
+    for t in (0.5, 0.8, 1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000):
+        if norm.vmin <= math.log(t) <= norm.vmax and (not ticks or math.log(t / ticks[-1]) >= 0.1 * (norm.vmax - norm.vmin)):
+            ticks.append(t)
+    bar.set_ticks([math.log(t) for t in ticks], labels=[f"×{t:g}" for t in ticks])
+    bar.set_label("perplexity ratio, compressed / dense (log scale)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    fig.tight_layout()
     return fig
 
 
@@ -188,17 +361,17 @@ def plot_retention(agg: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    shown = agg[agg["share"] > 0]
+    shown = agg[agg["training_share_pct"] > 0]
     for cond, g in shown.groupby("condition", sort=False):
-        g = g.sort_values("share")
-        ax.errorbar(100 * g["share"], g["retention"], yerr=g["retention_ci95"].fillna(0), marker="o", ms=4,
+        g = g.sort_values("training_share_pct")
+        ax.errorbar(g["training_share_pct"], g["retention"], yerr=g["retention_ci95"].fillna(0), marker="o", ms=4,
                     capsize=2, label=cond)
         for _, r in g.iterrows():
-            ax.annotate(r["language"], (100 * r["share"], r["retention"]), fontsize=6, alpha=0.7)
+            ax.annotate(r["language"], (r["training_share_pct"], r["retention"]), fontsize=6, alpha=0.7)
     ax.set_xscale("log")
     ax.set_xlabel("training share % (log scale)")
     ax.set_ylabel("retention (dense ppl / compressed ppl)")
-    left_out = sorted(set(agg.loc[agg["share"] <= 0, "language"]))
+    left_out = sorted(set(agg.loc[~(agg["training_share_pct"] > 0), "language"]))
     ax.set_title("Retention vs training share" + (f" ({len(left_out)} languages with no share left out)"
                                                   if left_out else ""))
     if shown["condition"].nunique() > 1:
@@ -233,7 +406,9 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
     summ = condition_summary(df, low_resource_share)
     md = (f"# Sweep report: {sweep_dir}\n\n```\n{status}\n```\n\n"
           "Cells: compressed perplexity (×ratio to dense); with several seeds, mean ± 95% CI (t-distribution). "
-          "Share: the model's training share renormalised over the evaluated languages.\n\n"
+          "Training share: the language's share of the model's whole training distribution, in percent. "
+          "Ratio: compressed / dense perplexity; log ratio: its natural log; geometric-mean ratio: exp of the mean "
+          "log ratio over languages.\n\n"
           + markdown(agg, summ, low_resource_share))
     files = [out / "report.md", out / "report.csv", out / "report_long.csv", out / "summary.csv",
              out / "degradation.png", out / "retention.png"]
@@ -241,6 +416,6 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
     atomic_write(files[1], wide_table(agg).to_csv(index=False, float_format="%.10g"))
     atomic_write(files[2], agg.to_csv(index=False, float_format="%.10g"))
     atomic_write(files[3], summ.to_csv(index=False, float_format="%.10g"))
-    plot_degradation(agg, files[4])
+    plot_degradation(agg, files[4], low_resource_share=low_resource_share)
     plot_retention(agg, files[5])
     return Report(status, complete, jobs, df, agg, files)

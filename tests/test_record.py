@@ -1,0 +1,128 @@
+"""What a run records about itself and how it is shown: run identity, absolute training shares, the console table,
+the degradation figure, and the option list of --help."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from mbs.config import register
+from mbs.record.identity import describe_compressor, identity
+from mbs.record.results import format_share, summary, to_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+register()
+
+
+def compose_run(*overrides, hydra_config=False):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+@pytest.mark.parametrize("overrides, name, choices", [
+    (["compressor=wanda"], "gemma3-270m · wanda 0.5 · mbs · seed 0", {"compressor": "wanda", "sampler": "mbs"}),
+    (["compressor=magnitude", "sampler=uniform", "seed=3"], "gemma3-270m · magnitude 0.5 · uniform · seed 3",
+     {"compressor": "magnitude", "sampler": "uniform"}),
+    (["compressor=sparsegpt", "compressor.n=2", "compressor.m=4", "sampler=english"],
+     "gemma3-270m · sparsegpt 2:4 · english · seed 0", {"sampler": "english"}),
+    (["compressor=gptq", "compressor.groupsize=128", "model=tiny-llama"], "tiny-llama · gptq 4-bit g128 · mbs · seed 0",
+     {"model": "tiny-llama", "eval": "paper-languages", "logger": "wandb", "data": "udhr"}),
+])
+def test_identity_names_the_chosen_options(overrides, name, choices):
+    """Wanda and magnitude have the same fields, english and uniform the same schema: only the choices tell them apart."""
+    cfg = compose_run(*overrides, hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        ident = identity(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert ident["name"] == name
+    assert choices.items() <= ident["choices"].items()
+    assert set(ident["choices"]) >= {"model", "data", "sampler", "compressor", "eval", "logger"}
+    assert ident["schemas"]["compressor"].startswith("mbs.compress.")
+
+
+def test_identity_without_hydra_falls_back_to_schema_names():
+    ident = identity(compose_run("compressor=magnitude", "sampler=uniform"))
+    assert ident["choices"]["compressor"] == "magnitude" and ident["choices"]["sampler"] == "uniformsampler"
+    assert ident["schemas"]["sampler"] == "mbs.data.sampling.UniformSampler"
+
+
+def test_describe_compressor():
+    assert describe_compressor("dense", {}) == "dense"
+    assert describe_compressor("sparsegpt", {"sparsity": 0.5, "n": 0, "m": 0, "bits": 4, "groupsize": 128}) == \
+        "sparsegpt 0.5 + 4-bit g128"
+    assert describe_compressor("rtn", {"bits": 3, "groupsize": -1}) == "rtn 3-bit"
+
+
+def rows(shares):
+    return [{"language": k, "training_share": v, "dense_ppl": 10.0, "compressed_ppl": 10.0 * math.e ** lr,
+             "ratio": math.e ** lr, "log_ratio": lr, "tokens": 7} for (k, v), lr in zip(shares.items(), (0.2, 0.4, 0.6))]
+
+
+def test_low_resource_is_decided_on_the_absolute_share_whatever_is_evaluated():
+    """hi is 0.81% of BLOOM's distribution: low-resource next to en alone and next to sw too (renormalised over
+    [en, hi] it would be 2.6% and not low-resource)."""
+    two = summary(rows({"en": 0.3465, "hi": 0.0081}), 0.01)
+    three = summary(rows({"en": 0.3465, "hi": 0.0081, "sw": 0.0002}), 0.01)
+    assert two["low_resource_languages"] == ["hi"] and three["low_resource_languages"] == ["hi", "sw"]
+    assert two["geomean_ratio"] == pytest.approx(math.exp(0.3))
+    assert three["low_resource_geomean_ratio"] == pytest.approx(math.exp(0.5))
+    unknown = summary(rows({"en": 0.3465, "xx": None}), 0.01)
+    assert unknown["low_resource_languages"] == [] and unknown["languages_without_share"] == ["xx"]
+
+
+def test_tables_are_in_percent_and_ordered_by_training_share():
+    table = to_markdown(rows({"sw": 0.0002, "en": 0.3465, "xx": None}))
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["en", "sw", "xx"]
+    assert "| en | 34.6 |" in table and "| sw | 0.02 |" in table and "| xx | – |" in table
+    assert [format_share(f) for f in (0.34654, 0.0080749, 1.15e-5, None)] == ["34.7", "0.807", "0.00115", "–"]
+
+
+def test_bad_low_resource_threshold_is_one_line():
+    from mbs.config import build
+
+    with pytest.raises(ValueError, match=r"eval.low_resource_share=1.0 must be a fraction in \(0, 1\)"):
+        build(compose_run("eval.low_resource_share=1.0"))
+
+
+def agg_for(conditions):
+    import pandas as pd
+
+    shares = {"en": 34.65, "hi": 0.81, "sw": 0.023}
+    return pd.DataFrame([{"condition": c, "language": lang, "training_share_pct": s, "log_ratio": 0.1 * (i + 1) + j,
+                          "log_ratio_ci95": math.nan, "model": "gemma3-270m", "method": "wanda 0.5", "sampler": "",
+                          "dense_weights": ""}
+                         for i, c in enumerate(conditions) for j, (lang, s) in enumerate(shares.items())])
+
+
+@pytest.mark.parametrize("n", [3, 6])
+def test_degradation_figure_bars_then_heatmap(n, tmp_path):
+    """Up to 4 conditions: bars on a log ratio axis; beyond: a heatmap. Both: languages by share with the share under
+    the label, a geometric-mean group, the model and method in the title, PNG and PDF."""
+    from mbs.record.report import plot_degradation
+
+    fig = plot_degradation(agg_for([f"sampler=s{i}" for i in range(n)]), tmp_path / "degradation.png")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[:3] == ["en\n35%", "hi\n0.81%", "sw\n0.023%"]
+    assert "gemma3-270m · wanda 0.5" in ax.get_title()
+    # the first condition's log ratios are 0.1, 1.1, 2.1: geometric means over all and over hi+sw (share < 1%)
+    expected = [math.exp(0.1), math.exp(1.1), math.exp(2.1), math.exp(1.1), math.exp(1.6)]
+    if n <= 4:
+        assert ax.get_yscale() == "log" and labels[3:] == ["all", "share\n<1%"]
+        assert [p.get_y() + p.get_height() for p in ax.patches[:5]] == pytest.approx(expected)
+    else:
+        assert labels[3:] == ["geo. mean\nall", "geo. mean\nshare <1%"]
+        assert [math.exp(v) for v in ax.images[0].get_array()[0]] == pytest.approx(expected)
+    assert (tmp_path / "degradation.png").stat().st_size and (tmp_path / "degradation.pdf").stat().st_size
+
+
+def test_help_lists_no_schemas():
+    proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    groups = proc.stdout.split("== Config ==")[0]
+    assert proc.returncode == 0 and "compressor: dense, gptq, magnitude, rtn, sparsegpt, wanda" in groups
+    assert "_schema" not in groups
