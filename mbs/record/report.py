@@ -285,11 +285,11 @@ def _degradation_bars(agg: pd.DataFrame, conds: list[str], title: str, low_resou
             ax.errorbar(pos[:n], values[:n], yerr=err[:, :n], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
         for px, v in zip(pos[len(langs):], values[len(langs):]):  # the geometric means carry their value
             if not np.isnan(v):
-                ax.annotate(f"×{v:.3g}", (px, v), xytext=(0, 2), textcoords="offset points", ha="center",
+                ax.annotate(f"×{v:.3g}", (px, max(v, 1.0)), xytext=(0, 2), textcoords="offset points", ha="center",
                             va="bottom", fontsize=6.5, rotation=90 if len(conds) > 2 else 0)
         top = max(top, np.nanmax(values * np.exp(ci)))
     ax.set_yscale("log")
-    lo = min(0.97, float(np.nanmin(np.exp(agg["log_ratio"] - agg["log_ratio_ci95"].fillna(0)))) / 1.05)
+    lo = min(1.0, float(np.nanmin(np.exp(agg["log_ratio"] - agg["log_ratio_ci95"].fillna(0))))) / 1.01
     _ratio_axis(ax, lo, top * (top / lo) ** 0.3)  # headroom for the legend and the geometric-mean labels
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axvline(len(langs) - 0.2, color="grey", linewidth=0.8, linestyle=":")
