@@ -9,6 +9,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mbs.analyze.similarity import AnalysisConfig
 from mbs.compress.engine import EngineConfig
 from mbs.compress.pruning import Dense, Magnitude, Wanda
 from mbs.compress.quantization import GPTQ, RTN
@@ -49,6 +50,7 @@ class RunConfig:
     eval: EvalConfig = MISSING
     logger: Any = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     seed: int = 0
     progress: bool = True
     force: bool = False  # multirun: re-run jobs whose results already exist (mbs/sweep.py)
@@ -91,10 +93,11 @@ class Run:
     seed: int
     progress: bool
     save_model: bool = False
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 def build(cfg: DictConfig) -> Run:
     """Turn the composed config into checked objects; every ValueError raised here names the bad value."""
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
-             for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine")}
+             for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model))

@@ -70,6 +70,13 @@ class WandbLogger:
             plt.close(fig)
         except Exception as err:  # noqa: BLE001 - a missing image must not lose the run's numbers
             log.warning("W&B degradation image not logged: %s", err)
+        if results.get("similarity"):
+            try:
+                from mbs.analyze.similarity import wandb_media
+
+                logged.update(wandb_media(results["similarity"], results["model"]["name"]))
+            except Exception as err:  # noqa: BLE001 - as above
+                log.warning("W&B language similarity not logged: %s", err)
         self._run.log(logged)
         s = results["summary"]
         summary: dict[str, Any] = {f"summary/{k}": v for k, v in s.items() if not isinstance(v, list)}
