@@ -182,9 +182,11 @@ def plot_heatmap(languages: list[str], matrix: list[list[float]], title: str):
     ax.set_xticks(range(n), languages, rotation=90, fontsize=7)
     ax.set_yticks(range(n), languages, fontsize=7)
     mid = (float(off.min()) + 1.0) / 2
+    digits = 2 if 1.0 - float(off.min()) > 0.1 else 3  # enough digits to tell the cells apart
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{m[i, j]:.2f}"[1:] if m[i, j] < 1 else "1", ha="center", va="center", fontsize=4.5,
+            cell = "1" if m[i, j] >= 1 - 0.5 * 10 ** -digits else f"{m[i, j]:.{digits}f}".lstrip("0")
+            ax.text(j, i, cell, ha="center", va="center", fontsize=4.5 if n > 12 else 6,
                     color="black" if m[i, j] > mid else "white")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="cosine similarity")
     ax.set_title(title, fontsize=9)
