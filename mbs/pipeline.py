@@ -159,7 +159,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         save_checkpoint(model, prepared.tokenizer, output_dir / "model")
         timings["save_s"] = time.perf_counter() - t0
     if language_similarity is not None:  # before results.json, which marks the run as finished
-        similarity.write_similarity(output_dir, language_similarity, spec.name)
+        similarity.write_similarity(output_dir, language_similarity, similarity.model_label(results))
     write_results(output_dir, results)
     return results
 

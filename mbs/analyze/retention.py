@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from mbs.analyze.similarity import model_label
 from mbs.atomic import atomic_write
 from mbs.record.figures import save_figure
 from mbs.record.report import frame, result_key
@@ -236,12 +237,16 @@ def plot_factor(df: pd.DataFrame, factor: str, xlabel: str, title: str, path: Pa
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(RETENTION_LABEL + "\n(0 = nothing lost)")
-    ax.set_title(title + (f"\n({len(left_out)} language(s) with no training share left out: {', '.join(left_out)})"
-                          if left_out else ""), fontsize=9)
-    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    named = ": " + ", ".join(left_out) if len(left_out) <= 8 else ""
+    ax.set_title(title + (f"\n({len(left_out)} language(s) with no value left out{named})" if left_out else ""),
+                 fontsize=9)
+    if not usable.empty:
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.margins(x=0.06, y=0.08)
     fig.tight_layout()
-    if label_per_language:
+    if usable.empty:
+        anchors = []
+    elif label_per_language:
         top = usable.loc[usable.groupby("language")[RETENTION].idxmax()]
         anchors = [(float(show(r[factor])), r[RETENTION], r["language"]) for _, r in top.iterrows()]
     else:
@@ -291,7 +296,7 @@ def _heatmap_source(jobs: list[Job], index: str) -> tuple[dict[str, Any] | None,
 
 
 def _models(jobs: list[Job]) -> str:
-    return ", ".join(dict.fromkeys(j.results["model"]["name"] for j in jobs if j.results is not None))
+    return ", ".join(dict.fromkeys(model_label(j.results) for j in jobs if j.results is not None))
 
 
 def _ci(lo: float, hi: float) -> str:
@@ -302,7 +307,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, seed: int = 0,
             n_resamples: int = N_RESAMPLES) -> Analysis:
     """Collect a sweep directory and write analysis.md, analysis.csv (statistics), analysis_points.csv (one row per
     job and language), the scatters and the similarity heatmaps into out (default <sweep_dir>/analysis)."""
-    from mbs.analyze.similarity import layer_label, matrix_csv, plot_heatmap
+    from mbs.analyze.similarity import heatmap_title, layer_label, matrix_csv, plot_heatmap
 
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -328,19 +333,19 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, seed: int = 0,
                       n_resamples) for i in layers]
 
     files = [out / "analysis.md", out / "analysis.csv", out / "analysis_points.csv"]
-    plot_share(df, out / "retention_vs_share.png", corrs[0].spearman_ci, title=f"{models}: retention vs training share")
+    plot_share(df, out / "retention_vs_share.png", corrs[0].spearman_ci,
+               title=f"{models}\nretention vs training share")
     files.append(out / "retention_vs_share.png")
     heatmap_notes = []
     for i, c in zip(layers, corrs[1:]):
         path = out / f"retention_vs_similarity_layer{i}.png"
         plot_factor(df, similarity_column(i), f"cosine similarity to the job's calibration mixture ({names[i]} input)",
-                    f"{models}: retention vs similarity to the calibration mixture", path, ci=c.spearman_ci)
+                    f"{models}\nretention vs similarity to the calibration mixture", path, ci=c.spearman_ci)
         files.append(path)
         record, gap = _heatmap_source(jobs, i)
         if record is not None:
             heat = out / f"similarity_layer{i}.png"
-            title = (f"{models}: cosine similarity of per-language mean x² at the input of {names[i]}\n"
-                     "(q/k/v input after the layer's input norm, dense model)")
+            title = heatmap_title(models, i, requested.get(i))
             save_figure(plot_heatmap(record["languages"], record["matrix"], title), heat)
             atomic_write(heat.with_suffix(".csv"), matrix_csv(record["languages"], record["matrix"]))
             files += [heat, heat.with_suffix(".csv")]

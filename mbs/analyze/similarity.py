@@ -155,6 +155,14 @@ def similarity_record(vectors: dict[int, dict[str, torch.Tensor]], requested: li
             "layers": layers}
 
 
+def model_label(results: dict[str, Any]) -> str:
+    """The model's name for figure titles, saying when its dense weights are a de-quantized GGUF file (the embedded
+    default)."""
+    model = (results.get("config") or {}).get("model") or {}
+    dequantized = f" (dense = de-quantized {model['gguf_file']})" if model.get("source") == "gguf_package" else ""
+    return results["model"]["name"] + dequantized
+
+
 def layer_label(index: int | str, requested: int | None = None) -> str:
     return f"layer {index}" + (f" ({requested})" if requested is not None and requested != int(index) else "")
 
@@ -208,7 +216,7 @@ def write_similarity(output_dir: Path, record: dict[str, Any], model: str) -> li
 
 
 def heatmap_title(model: str, index: int | str, requested: int | None) -> str:
-    return (f"{model}: cosine similarity of per-language mean x² at the input of {layer_label(index, requested)}\n"
+    return (f"{model}\ncosine similarity of per-language mean x² at the input of {layer_label(index, requested)}\n"
             "(q/k/v input after the layer's input norm, dense model)")
 
 

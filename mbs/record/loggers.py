@@ -72,9 +72,9 @@ class WandbLogger:
             log.warning("W&B degradation image not logged: %s", err)
         if results.get("similarity"):
             try:
-                from mbs.analyze.similarity import wandb_media
+                from mbs.analyze.similarity import model_label, wandb_media
 
-                logged.update(wandb_media(results["similarity"], results["model"]["name"]))
+                logged.update(wandb_media(results["similarity"], model_label(results)))
             except Exception as err:  # noqa: BLE001 - as above
                 log.warning("W&B language similarity not logged: %s", err)
         self._run.log(logged)
