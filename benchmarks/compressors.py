@@ -205,7 +205,7 @@ def check_same_input(model: nn.Module, state: dict, compressor: Compressor, cali
     if captured is not None:
         by_group, leader = collect_statistics(layer, adapter, compressor, captured.inputs, captured.layer_kwargs[0],
                                               captured.languages, False)
-        shared = {g: merged(s) for g, s in by_group.items()}
+        shared = {g: merged(s, lambda g=g: compressor.new_statistic(linears[g])) for g, s in by_group.items()}
         with reference_style():
             separate = separate_statistics(layer, adapter, compressor, captured.inputs, captured.layer_kwargs[0])
     ours, ref = {}, {}

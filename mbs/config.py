@@ -9,6 +9,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mbs.analyze.similarity import AnalysisConfig
 from mbs.compress.engine import EngineConfig
 from mbs.compress.pruning import Dense, Magnitude, Wanda
 from mbs.compress.quantization import GPTQ, RTN
@@ -55,6 +56,7 @@ class RunConfig:
     eval: EvalConfig = MISSING
     logger: Any = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     seed: int = 0
     progress: bool = True
     force: bool = False  # multirun: re-run jobs whose results already exist (mbs/sweep.py)
@@ -102,6 +104,7 @@ class Run:
     seed: int
     progress: bool
     save_model: bool = False
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 def build(cfg: DictConfig) -> Run:
@@ -110,5 +113,5 @@ def build(cfg: DictConfig) -> Run:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed!r} is out of range; allowed: an integer in 0..{MAX_SEED} (numpy's seed range)")
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
-             for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine")}
+             for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model))

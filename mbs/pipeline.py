@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mbs.analyze import similarity
 from mbs.compress.engine import check_device_available, check_modules, compress_model
 from mbs.config import Run, build
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
@@ -20,6 +21,7 @@ from mbs.data.corpora import check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares
 from mbs.evaluate.perplexity import evaluate_languages
+from mbs.models.adapter import Adapter
 from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
 from mbs.record.checkpoint import save_checkpoint
 from mbs.record.identity import identity
@@ -77,6 +79,8 @@ class Prepared:
     tokenizer: Any = None
     calibration: CalibrationSet | None = None
     windows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    probe: CalibrationSet | None = None  # the similarity analysis's probe set (None: analysis.layers=[])
+    analysis_layers: list[int] = field(default_factory=list)  # analysis.layers as absolute indices
     timings: dict[str, float] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)  # name, chosen group options, schemas (mbs/record/identity.py)
 
@@ -93,7 +97,9 @@ def prepare(cfg: DictConfig) -> Prepared:
             spec.distribution = estimate_from_tokenizer(tokenizer, spec.estimate_sharpness)
             log.info("ESTIMATED language distribution (%s): %s", spec.distribution_source, spec.distribution)
         counts = plan(run)
-        check_modules(model_skeleton(spec), run.compressor)  # layer shapes vs. the compressor, no weights loaded
+        skeleton = model_skeleton(spec)
+        check_modules(skeleton, run.compressor)  # layer shapes vs. the compressor, no weights loaded
+        analysis_layers = similarity.resolve_layers(run.analysis.layers, len(Adapter(skeleton).layers))
         seed_everything(run.seed)
         tokenizer = tokenizer or load_tokenizer(spec)
         cache = TokenCache(model_cache(spec).root / "tokens")
@@ -101,10 +107,16 @@ def prepare(cfg: DictConfig) -> Prepared:
                                         cache=cache)
         windows = build_eval_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, spec.seqlen,
                                      spec.prepend_bos, max_windows=run.eval.max_windows or None, cache=cache)
+        probe = None
+        if analysis_layers:
+            languages = similarity.probe_languages(run.eval.languages, counts, run.data.languages())
+            probe = similarity.build_probe(tokenizer, run.data, languages, run.analysis, spec.seqlen,
+                                           spec.prepend_bos, cache=cache)
     except ValueError as err:
         raise UserError(str(err)) from err
     log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)
-    return Prepared(run, counts, tokenizer, calibration, windows, {"data_s": time.perf_counter() - t0}, identity(cfg))
+    return Prepared(run, counts, tokenizer, calibration, windows, probe, analysis_layers,
+                    {"data_s": time.perf_counter() - t0}, identity(cfg))
 
 
 def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, Any]:
@@ -124,6 +136,14 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     dense = evaluate()
     timings["eval_dense_s"] = time.perf_counter() - t0
     model.to(run.engine.offload_device)
+
+    language_similarity = None
+    if prepared.probe is not None:  # on the dense model, before compression
+        t0 = time.perf_counter()
+        vectors = similarity.language_vectors(model, prepared.probe, prepared.analysis_layers, run.engine)
+        language_similarity = similarity.similarity_record(vectors, list(run.analysis.layers), prepared.counts,
+                                                           prepared.probe, run.analysis, run.data.name)
+        timings["similarity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     report = compress_model(model, run.compressor, prepared.calibration, run.engine, progress=run.progress)
@@ -149,6 +169,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         "summary": summary(rows, run.eval.low_resource_share),
         "compression": {"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,
                         "zeros": report.zeros, "params": report.params, "layers": report.layers},
+        "similarity": language_similarity,
         "timings": timings,
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": run.engine.device,
                         "threads": torch.get_num_threads()},
@@ -157,6 +178,8 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         t0 = time.perf_counter()
         save_checkpoint(model, prepared.tokenizer, output_dir / "model")
         timings["save_s"] = time.perf_counter() - t0
+    if language_similarity is not None:  # before results.json (written by run()), which marks the run as finished
+        similarity.write_similarity(output_dir, language_similarity, similarity.model_label(results))
     return results
 
 

@@ -4,6 +4,7 @@ import torch
 from conftest import ARCHS, calibration, tiny
 from mbs.compress.engine import EngineConfig, capture, collect_statistics, compress_model, run_layer
 from mbs.compress.pruning import Dense, Magnitude, Wanda
+from mbs.compress.sparsegpt import SparseGPT
 from mbs.models.adapter import Adapter
 
 
@@ -199,3 +200,35 @@ def test_statistics_forwards_stop_after_the_last_linear(arch, tokenizer):
             h.remove()
     for name, by_language in stats.items():
         torch.testing.assert_close(by_language["all"].sum, full[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [Wanda, SparseGPT])
+def test_observer_statistics_stay_per_language_after_merging(cls, tokenizer):
+    """What an observer keeps is each language's own statistic, untouched by the merge the compressor gets; the
+    merged total is exactly the sum of the languages' statistics."""
+    kept, snapshot, given = {}, {}, {}
+
+    def observer(i, group, stats):
+        kept[(i, group)] = stats
+        snapshot[(i, group)] = {k: (v.sum.clone(), v.tokens) for k, v in stats.items()}
+
+    class Recording(cls):
+        def compress(self, name, module, statistic):
+            given.setdefault(name, (statistic.sum.clone(), statistic.tokens))
+            return super().compress(name, module, statistic)
+
+    model = tiny("llama")
+    compress_model(model, Recording(sparsity=0.5), calibration(tokenizer),
+                   EngineConfig(batch_size=2, per_language_statistics=True), observer=observer, progress=False)
+    for (i, group), stats in kept.items():
+        assert set(stats) == {"en", "sw", "fr"}
+        for language, statistic in stats.items():
+            before_sum, before_tokens = snapshot[(i, group)][language]
+            assert statistic.tokens == before_tokens and torch.equal(statistic.sum, before_sum), (i, group, language)
+        if i == 0:
+            total_sum, total_tokens = given[f"layer 0 {group}"]
+            assert total_tokens == sum(s.tokens for s in stats.values())
+            expected = torch.zeros_like(total_sum)
+            for s in stats.values():
+                expected += s.sum
+            assert torch.equal(total_sum, expected)

@@ -52,6 +52,7 @@ def test_wandb_offline_run_holds_the_language_table(tmp_path):
     assert files and files[0].stat().st_size > 0
     blob = files[0].read_bytes()
     assert b"languages" in blob and b"ratio/sw" in blob
+    assert b"similarity/layer0/heatmap" in blob and b"similarity/layer2/to_calibration" in blob
 
 
 def test_bad_input_is_one_line_and_leaves_results_alone(tmp_path):

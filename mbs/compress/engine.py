@@ -218,14 +218,15 @@ def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compresso
     return stats, leader
 
 
-def merged(by_language: dict[str, Statistic]) -> Statistic:
-    """One statistic over all languages (the first one absorbs the others; it is not used per language after)."""
+def merged(by_language: dict[str, Statistic], fresh: Callable[[], Statistic]) -> Statistic:
+    """One statistic over all languages, summed into ``fresh()`` so the per-language statistics an observer keeps
+    are left as they were (TokenSum merges add exactly: 0 + a = a, so the total is the same as summing in place)."""
     values = list(by_language.values())
     if len(values) == 1:
         return values[0]
-    total = values[0]
-    for other in values[1:]:
-        total.merge(other)
+    total = fresh()
+    for statistic in values:
+        total.merge(statistic)
     return total
 
 
@@ -293,7 +294,8 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
                 if observer is not None:
                     for group, by_language in stats.items():
                         observer(i, group, by_language)
-                totals = {group: merged(by_language) for group, by_language in stats.items()}
+                totals = {group: merged(by_language, lambda g=group: compressor.new_statistic(linears[g]))
+                          for group, by_language in stats.items()}
             modules = {}
             for name, module in linears.items():
                 statistic = totals[leader[name]] if captured is not None else None

@@ -76,6 +76,13 @@ class WandbLogger:
         image = self._degradation_image(results)
         if image is not None:
             logged["degradation_plot"] = image
+        if results.get("similarity"):
+            try:
+                from mbs.analyze.similarity import model_label, wandb_media
+
+                logged.update(wandb_media(results["similarity"], model_label(results)))
+            except Exception as err:  # noqa: BLE001 - as above
+                log.warning("W&B language similarity not logged: %s", err)
         self._run.log(logged)
         summary: dict[str, Any] = {f"summary/{k}": v for k, v in s.items() if not isinstance(v, list)}
         summary["summary/low_resource_languages"] = ",".join(s.get("low_resource_languages", []))

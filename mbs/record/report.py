@@ -54,6 +54,11 @@ def _describe(res: dict[str, Any]) -> dict[str, str]:
             "dense_weights": "de-quantized GGUF" if gguf else ""}
 
 
+def result_key(job: Job) -> str:
+    """What identifies a job's result (a result reached by two jobs, e.g. a resumed one, has one key)."""
+    return job.results.get("experiment_id") or str(job.results_path)
+
+
 def frame(jobs: list[Job]) -> pd.DataFrame:
     """One row per finished job and language (a result reached by two jobs, e.g. a resumed one, counts once).
     ``training_share_pct``: the language's share of the model's whole training distribution, in percent."""
@@ -63,7 +68,7 @@ def frame(jobs: list[Job]) -> pd.DataFrame:
         if job.results is None:
             continue
         res = job.results
-        key = res.get("experiment_id") or str(job.results_path)
+        key = result_key(job)
         if key in seen:
             continue
         seen.add(key)
@@ -71,7 +76,8 @@ def frame(jobs: list[Job]) -> pd.DataFrame:
         for r in res["languages"]:
             share = r.get("training_share")
             rows.append({"condition": labels[i], "seed": res["config"].get("seed"), "experiment_id": key,
-                         "language": r["language"], "training_share_pct": math.nan if share is None else 100 * share,
+                         "language": r["language"], "training_share": share,
+                         "training_share_pct": math.nan if share is None else 100 * share,
                          "dense_ppl": r["dense_ppl"], "compressed_ppl": r["compressed_ppl"], "ratio": r["ratio"],
                          "log_ratio": r["log_ratio"], "retention": r["dense_ppl"] / r["compressed_ppl"],
                          "sparsity": res["compression"]["sparsity"], **described})
@@ -352,32 +358,12 @@ def _degradation_heatmap(agg: pd.DataFrame, conds: list[str], title: str, low_re
     return fig
 
 
-def plot_retention(agg: pd.DataFrame, path: Path) -> None:
-    """Retention (dense/compressed perplexity; 1 = nothing lost) against training share, log scale. Languages with no
-    stated share cannot go on a log axis: they are left out and counted in the title."""
-    import matplotlib
+def plot_retention(df: pd.DataFrame, path: Path) -> None:
+    """Retention (−log ppl ratio) against the absolute training share, one point per job and language: the share
+    scatter of ``mbs.analyze`` (one piece of code for both; languages with no share are left out and named)."""
+    from mbs.analyze.retention import plot_share, retention_frame_of
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    shown = agg[agg["training_share_pct"] > 0]
-    for cond, g in shown.groupby("condition", sort=False):
-        g = g.sort_values("training_share_pct")
-        ax.errorbar(g["training_share_pct"], g["retention"], yerr=g["retention_ci95"].fillna(0), marker="o", ms=4,
-                    capsize=2, label=cond)
-        for _, r in g.iterrows():
-            ax.annotate(r["language"], (r["training_share_pct"], r["retention"]), fontsize=6, alpha=0.7)
-    ax.set_xscale("log")
-    ax.set_xlabel("training share % (log scale)")
-    ax.set_ylabel("retention (dense ppl / compressed ppl)")
-    left_out = sorted(set(agg.loc[~(agg["training_share_pct"] > 0), "language"]))
-    ax.set_title("Retention vs training share" + (f" ({len(left_out)} languages with no share left out)"
-                                                  if left_out else ""))
-    if shown["condition"].nunique() > 1:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
+    plot_share(retention_frame_of(df), path)
 
 
 @dataclass
@@ -417,5 +403,5 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
     atomic_write(files[2], agg.to_csv(index=False, float_format="%.10g"))
     atomic_write(files[3], summ.to_csv(index=False, float_format="%.10g"))
     plot_degradation(agg, files[4], low_resource_share=low_resource_share)
-    plot_retention(agg, files[5])
+    plot_retention(df, files[5])
     return Report(status, complete, jobs, df, agg, files)

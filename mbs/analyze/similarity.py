@@ -1,0 +1,238 @@
+"""Language similarity from the engine's own per-language statistics.
+
+A language's *activation vector* at decoder layer i is the per-channel mean of x² over its text, where x is the input
+of the layer's first Linear group in call order: the tensor q/k/v (BLOOM: query_key_value) read, i.e. the output of
+the layer's input layernorm. It is exactly the Wanda statistic (ColumnSquares) the engine collects for that group;
+the layer-0 case is the paper's "input of the first decoder layer" after the layer's own norm (normed per token,
+so a few tokens with huge residual-stream norms, such as <bos>, cannot dominate the mean).
+
+The vectors come from one extra pass of the engine itself (capture, per-language ``collect_statistics`` through its
+observer, ``run_layer``) with a statistics-only probe in place of a compressor, over the *dense* model and a small
+fixed probe set: ``analysis.segments`` calibration-split segments of every evaluated and calibration language, cut
+with ``analysis.seed``. So every job of a sweep gets the same vector for a language (whatever its calibration
+mixture, compressor or seed), also for languages it does not calibrate on, and layers past 0 are not shaped by the
+job's own compression. A run's *calibration-mixture vector* is the segment-count-weighted average of its calibration
+languages' vectors (what the mean of x² over the calibration set would be if each language's text looked like its
+probe); every language's similarity to the mixture is the cosine with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from mbs.atomic import atomic_write
+from mbs.compress.base import Compressor
+from mbs.compress.engine import EngineConfig, compress_model
+from mbs.compress.statistics import ColumnSquares
+from mbs.data.calibration import CalibrationSet, build_calibration
+
+log = logging.getLogger(__name__)
+
+STATISTIC = ("per-channel mean of x^2 over a language's probe tokens, x = the input of the decoder layer's first "
+             "Linear group (q/k/v: the input-layernorm output), dense model")
+
+
+@dataclass
+class AnalysisConfig:
+    """``analysis`` in the run config: which layers' activation vectors to compare, and the probe set."""
+
+    layers: list[int] = field(default_factory=lambda: [0, -1])  # negative: from the end; [] turns similarity off
+    segments: int = 4  # probe segments (model.seqlen tokens each) per language, from the calibration split
+    seed: int = 0  # the probe's own seed: the same probe in every job, whatever the run's seed
+
+    def __post_init__(self) -> None:
+        if self.segments < 1:
+            raise ValueError(f"analysis.segments={self.segments} must be >= 1 (analysis.layers=[] turns the "
+                             "similarity analysis off)")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"analysis.layers={list(self.layers)} names a layer twice")
+
+
+def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
+    """Absolute layer indices (negative ones count from the end), or a one-line error naming the allowed range."""
+    resolved = []
+    for layer in layers:
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(f"analysis.layers={list(layers)}: layer {layer} is out of range for a model with "
+                             f"{num_layers} decoder layers; allowed: {-num_layers}..{num_layers - 1}")
+        resolved.append(layer % num_layers)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"analysis.layers={list(layers)} names the same layer twice (model has {num_layers} layers)")
+    return resolved
+
+
+def probe_languages(eval_languages: list[str], counts: Mapping[str, int], available: list[str]) -> list[str]:
+    """Evaluated languages, then calibration languages not evaluated; languages the corpus lacks are left out."""
+    wanted = list(dict.fromkeys([*eval_languages, *(k for k, v in counts.items() if v)]))
+    have = set(available)
+    return [k for k in wanted if k in have]
+
+
+def build_probe(tokenizer, corpus, languages: list[str], config: AnalysisConfig, seqlen: int, prepend_bos: bool,
+                cache=None) -> CalibrationSet:
+    """``config.segments`` seeded calibration-split segments per language (per-language seeds: a language's segments
+    do not depend on which other languages are probed)."""
+    try:
+        return build_calibration(tokenizer, corpus, dict.fromkeys(languages, config.segments), seqlen, config.seed,
+                                 prepend_bos, cache=cache)
+    except ValueError as err:
+        raise ValueError(f"analysis probe: {err} (analysis.layers=[] turns the similarity analysis off)") from err
+
+
+@dataclass
+class SimilarityProbe(Compressor):
+    """Statistics only: the engine's pass collects per-language ColumnSquares; no weight is changed."""
+
+    needs_statistics: ClassVar[bool] = True
+
+    def new_statistic(self, module: nn.Linear) -> ColumnSquares:
+        return ColumnSquares(module.in_features, module.weight.device)
+
+    def compress(self, name: str, module: nn.Linear, statistic: Any) -> dict[str, Any]:
+        return {}
+
+
+def language_vectors(model: nn.Module, probe: CalibrationSet, layers: list[int],
+                     engine: EngineConfig) -> dict[int, dict[str, torch.Tensor]]:
+    """{layer: {language: mean x² per channel}} (fp32) from the engine's observer, for absolute layer indices."""
+    wanted = set(layers)
+    vectors: dict[int, dict[str, torch.Tensor]] = {}
+
+    def observer(index: int, group: str, by_language: dict) -> None:
+        if index in wanted and index not in vectors:  # the first group observed is the first Linear called
+            vectors[index] = {lang: (s.sum / s.tokens).cpu() for lang, s in by_language.items()}
+
+    compress_model(model, SimilarityProbe(), probe, dataclasses.replace(engine, per_language_statistics=True),
+                   observer=observer, progress=False)
+    return {i: vectors[i] for i in layers}
+
+
+def cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def cosine_matrix(vectors: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Pairwise cosine similarities in the order of ``vectors`` (fp64)."""
+    m = np.stack([np.asarray(v, dtype=np.float64) for v in vectors.values()])
+    m = m / np.linalg.norm(m, axis=1, keepdims=True)
+    return m @ m.T
+
+
+def mixture_vector(vectors: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> np.ndarray:
+    """The calibration mixture's vector: the average of its languages' vectors weighted by their segment counts."""
+    used = {k: v for k, v in counts.items() if v}
+    missing = [k for k in used if k not in vectors]
+    if missing:
+        raise ValueError(f"no activation vector for calibration language(s) {', '.join(missing)}")
+    total = sum(used.values())
+    return sum(n / total * np.asarray(vectors[k], dtype=np.float64) for k, n in used.items())
+
+
+def similarity_record(vectors: dict[int, dict[str, torch.Tensor]], requested: list[int],
+                      counts: Mapping[str, int], probe: CalibrationSet, config: AnalysisConfig,
+                      corpus: str) -> dict[str, Any]:
+    """What results.json keeps: per layer (keyed by absolute index) the languages, their cosine matrix and each
+    language's cosine with the calibration mixture."""
+    layers = {}
+    for (index, by_language), asked in zip(vectors.items(), requested):
+        mix = mixture_vector(by_language, counts)
+        layers[str(index)] = {"requested": asked, "languages": list(by_language),
+                              "matrix": cosine_matrix(by_language).tolist(),
+                              "to_calibration": {k: cosine(v, mix) for k, v in by_language.items()}}
+    return {"statistic": STATISTIC,
+            "probe": {"corpus": corpus, "split": "calibration", "segments_per_language": config.segments,
+                      "seqlen": int(next(iter(probe.segments.values())).shape[1]), "seed": config.seed},
+            "calibration_counts": {k: v for k, v in counts.items() if v},
+            "layers": layers}
+
+
+def model_label(results: dict[str, Any]) -> str:
+    """The model's name for figure titles, saying when its dense weights are a de-quantized GGUF file (the embedded
+    default)."""
+    model = (results.get("config") or {}).get("model") or {}
+    dequantized = f" (dense = de-quantized {model['gguf_file']})" if model.get("source") == "gguf_package" else ""
+    return results["model"]["name"] + dequantized
+
+
+def layer_label(index: int | str, requested: int | None = None) -> str:
+    return f"layer {index}" + (f" ({requested})" if requested is not None and requested != int(index) else "")
+
+
+def matrix_csv(languages: list[str], matrix: list[list[float]]) -> str:
+    lines = ["language," + ",".join(languages)]
+    lines += [lang + "," + ",".join(f"{x:.6f}" for x in row) for lang, row in zip(languages, matrix)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(languages: list[str], matrix: list[list[float]], title: str):
+    """Cosine similarities with every cell annotated; the colour scale spans the values shown (they are all close
+    to 1 for mean-square vectors, so a 0-1 scale would show one colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    n = len(languages)
+    off = m[~np.eye(n, dtype=bool)] if n > 1 else m.ravel()
+    size = max(4.0, 0.36 * n + 1.8)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    image = ax.imshow(m, cmap="viridis", vmin=float(off.min()), vmax=1.0)
+    ax.set_xticks(range(n), languages, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), languages, fontsize=7)
+    mid = (float(off.min()) + 1.0) / 2
+    digits = 2 if 1.0 - float(off.min()) > 0.1 else 3  # enough digits to tell the cells apart
+    for i in range(n):
+        for j in range(n):
+            cell = "1" if m[i, j] >= 1 - 0.5 * 10 ** -digits else f"{m[i, j]:.{digits}f}".lstrip("0")
+            ax.text(j, i, cell, ha="center", va="center", fontsize=4.5 if n > 12 else 6,
+                    color="black" if m[i, j] > mid else "white")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="cosine similarity")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def write_similarity(output_dir: Path, record: dict[str, Any], model: str) -> list[Path]:
+    """similarity_layer<i>.csv and .png (+ .pdf) per recorded layer."""
+    from mbs.record.figures import save_figure
+
+    written = []
+    for index, layer in record["layers"].items():
+        csv_path = Path(output_dir) / f"similarity_layer{index}.csv"
+        atomic_write(csv_path, matrix_csv(layer["languages"], layer["matrix"]))
+        fig = plot_heatmap(layer["languages"], layer["matrix"], heatmap_title(model, index, layer["requested"]))
+        written += [csv_path, *save_figure(fig, csv_path.with_suffix(".png"))]
+    return written
+
+
+def heatmap_title(model: str, index: int | str, requested: int | None) -> str:
+    return (f"{model}\ncosine similarity of per-language mean x² at the input of {layer_label(index, requested)}\n"
+            "(q/k/v input after the layer's input norm, dense model)")
+
+
+def wandb_media(record: dict[str, Any], model: str) -> dict[str, Any]:
+    """W&B items: per layer the heatmap image and a table of each language's similarity to the calibration mix."""
+    import matplotlib.pyplot as plt
+    import wandb
+
+    logged = {}
+    for index, layer in record["layers"].items():
+        fig = plot_heatmap(layer["languages"], layer["matrix"], heatmap_title(model, index, layer["requested"]))
+        logged[f"similarity/layer{index}/heatmap"] = wandb.Image(fig)
+        plt.close(fig)
+        logged[f"similarity/layer{index}/matrix"] = wandb.Table(
+            columns=["language", *layer["languages"]],
+            data=[[k, *row] for k, row in zip(layer["languages"], layer["matrix"])])
+        logged[f"similarity/layer{index}/to_calibration"] = wandb.Table(
+            columns=["language", "similarity_to_calibration"], data=list(map(list, layer["to_calibration"].items())))
+    return logged
