@@ -19,6 +19,7 @@ from mbs.data.local import LocalCorpus
 from mbs.data.languages import PAPER_LANGUAGES, check_languages
 from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
                                UniformSampler)
+from mbs.evaluate.zeroshot import ZeroShotConfig
 from mbs.models.spec import ModelSpec
 from mbs.record.loggers import NoLogger, WandbLogger
 
@@ -31,6 +32,8 @@ class EvalConfig:
     chunk_tokens: int = 256  # tokens per loss chunk (its fp32 logits are formed one vocabulary slice at a time)
     max_windows: int = 0  # per language; 0 = all
     low_resource_share: float = 0.01  # summary: languages below this share (renormalised over languages) are low-resource
+    tasks: list[str] = field(default_factory=list)  # lm-eval task/group names, zero-shot on dense and compressed
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def __post_init__(self) -> None:
         check_languages(self.languages, "eval.languages")
@@ -38,6 +41,9 @@ class EvalConfig:
             raise ValueError("eval.languages is empty; give at least one language")
         if self.batch_size < 1 or self.chunk_tokens < 1 or self.max_windows < 0:
             raise ValueError("eval.batch_size and eval.chunk_tokens must be >= 1 and eval.max_windows >= 0")
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"eval.tasks repeats {', '.join(repeated)}; give each task once")
 
 
 @dataclass

@@ -16,10 +16,12 @@ from mbs.compress.engine import check_modules, compress_model
 from mbs.config import Run, build
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
 from mbs.data.cache import TokenCache
-from mbs.data.corpora import check_available
+from mbs.data.corpora import UDHRCorpus, check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares, renormalise
 from mbs.evaluate.perplexity import evaluate_languages
+from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
+from mbs.evaluate.zeroshot import to_markdown as zeroshot_markdown
 from mbs.models.loading import cache_root, load_model, load_tokenizer, model_skeleton
 from mbs.record.checkpoint import save_checkpoint
 from mbs.record.results import language_rows, summary, to_markdown, write_results
@@ -60,6 +62,7 @@ class Prepared:
     calibration: CalibrationSet | None = None
     windows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    zeroshot: ZeroShot | None = None  # eval.tasks, checked against the harness's task registry
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -75,6 +78,8 @@ def prepare(cfg: DictConfig) -> Prepared:
             log.info("ESTIMATED language distribution (%s): %s", spec.distribution_source, spec.distribution)
         counts = plan(run)
         check_modules(model_skeleton(spec), run.compressor)  # layer shapes vs. the compressor, no weights loaded
+        zeroshot = prepare_zeroshot(run.eval.tasks, run.eval.zeroshot, cache_root(spec), run.eval.languages,
+                                    run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
         tokenizer = tokenizer or load_tokenizer(spec)
         cache = TokenCache(cache_root(spec) / "tokens")
@@ -85,7 +90,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     except ValueError as err:
         raise UserError(str(err)) from err
     log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)
-    return Prepared(run, counts, tokenizer, calibration, windows, {"data_s": time.perf_counter() - t0})
+    return Prepared(run, counts, tokenizer, calibration, windows, {"data_s": time.perf_counter() - t0}, zeroshot)
 
 
 def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, Any]:
@@ -104,6 +109,11 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     t0 = time.perf_counter()
     dense = evaluate()
     timings["eval_dense_s"] = time.perf_counter() - t0
+    zeroshot = prepared.zeroshot
+    if zeroshot:
+        t0 = time.perf_counter()
+        zeroshot_dense = zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos, run.progress)
+        timings["zeroshot_dense_s"] = time.perf_counter() - t0
     model.to(run.engine.offload_device)
 
     t0 = time.perf_counter()
@@ -113,6 +123,11 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     t0 = time.perf_counter()
     compressed = evaluate()
     timings["eval_compressed_s"] = time.perf_counter() - t0
+    if zeroshot:
+        t0 = time.perf_counter()
+        zeroshot_rows = compare(zeroshot_dense, zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos,
+                                                                  run.progress))
+        timings["zeroshot_compressed_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t + timings["data_s"]
 
     shares = renormalise(spec.distribution, run.eval.languages) if spec.distribution else {}
@@ -133,6 +148,10 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": run.engine.device,
                         "threads": torch.get_num_threads()},
     }
+    if zeroshot:
+        results["zeroshot"] = {"harness": harness_version(), "tasks": zeroshot.tasks,
+                               "limit": run.eval.zeroshot.limit, "num_fewshot": run.eval.zeroshot.num_fewshot,
+                               "results": zeroshot_rows}
     if run.save_model:
         t0 = time.perf_counter()
         save_checkpoint(model, prepared.tokenizer, output_dir / "model")
@@ -162,4 +181,7 @@ def format_table(results: dict[str, Any]) -> str:
     head = (f"{results['model']['name']} · {c['method']} · sparsity {c['sparsity']:.4f} · "
             f"mean ppl ratio {s['mean_ratio']:.3f} (median log ratio {s['median_log_ratio']:.3f}) · "
             f"{results['timings']['total_s']:.1f}s")
-    return head + "\n" + to_markdown(results["languages"])
+    table = head + "\n" + to_markdown(results["languages"])
+    if results.get("zeroshot"):
+        table += "\nZero-shot accuracy (lm-eval):\n" + zeroshot_markdown(results["zeroshot"]["results"])
+    return table

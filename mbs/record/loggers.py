@@ -70,6 +70,9 @@ class WandbLogger:
             plt.close(fig)
         except Exception as err:  # noqa: BLE001 - a missing image must not lose the run's numbers
             log.warning("W&B degradation image not logged: %s", err)
+        zeroshot = (results.get("zeroshot") or {}).get("results", [])
+        if zeroshot:  # lm-eval accuracy per task and metric, dense vs compressed (mbs/evaluate/zeroshot.py)
+            logged["zeroshot"] = wandb.Table(columns=list(zeroshot[0]), data=[list(r.values()) for r in zeroshot])
         self._run.log(logged)
         s = results["summary"]
         summary: dict[str, Any] = {f"summary/{k}": v for k, v in s.items() if not isinstance(v, list)}
@@ -78,6 +81,8 @@ class WandbLogger:
         summary["sparsity/overall"] = results["compression"]["sparsity"]
         summary.update({f"timing/{k}": v for k, v in results["timings"].items()})
         summary.update({f"ppl_ratio/{r['language']}": r["ratio"] for r in rows})
+        summary.update({f"zeroshot/{r['task']}/{r['metric']}/{k}": r[k] for r in zeroshot
+                        for k in ("dense", "compressed", "difference")})
         for key, value in summary.items():
             self._run.summary[key] = value
 

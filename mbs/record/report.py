@@ -235,6 +235,10 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
           "Cells: compressed perplexity (×ratio to dense); with several seeds, mean ± 95% CI (t-distribution). "
           "Share: the model's training share renormalised over the evaluated languages.\n\n"
           + markdown(agg, summ, low_resource_share))
+    from mbs.record.zeroshot_table import zeroshot_section
+
+    zeroshot = zeroshot_section(jobs, conditions(jobs))  # its own section, only when jobs ran eval.tasks
+    md += zeroshot[0] if zeroshot else ""
     files = [out / "report.md", out / "report.csv", out / "report_long.csv", out / "summary.csv",
              out / "degradation.png", out / "retention.png"]
     atomic_write(files[0], md)
@@ -243,4 +247,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
     atomic_write(files[3], summ.to_csv(index=False, float_format="%.10g"))
     plot_degradation(agg, files[4])
     plot_retention(agg, files[5])
+    if zeroshot:
+        files.append(out / "zeroshot.csv")
+        atomic_write(files[-1], zeroshot[1].to_csv(index=False, float_format="%.10g"))
     return Report(status, complete, jobs, df, agg, files)
