@@ -118,3 +118,47 @@ def test_unknown_task_is_one_line_before_the_model_loads(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("mbs: error: eval.tasks: unknown lm-eval task(s) 'xnli_xx'")
     assert "close names:" in lines[0] and not (tmp_path / "results.json").exists()
+
+
+def test_report_section_has_dense_compressed_and_difference_per_condition():
+    from scipy import stats
+
+    from mbs.record.report import conditions
+    from mbs.record.zeroshot_table import zeroshot_section
+    from mbs.sweep import Job
+
+    def job(seed, compressor, compressed):
+        row = {"task": "udhr_mc_en", "metric": "acc_norm", "n": 65, "dense": 0.8, "dense_stderr": 0.05,
+               "compressed": compressed, "compressed_stderr": 0.06, "difference": compressed - 0.8,
+               "difference_stderr": 0.04}
+        res = {"experiment_id": f"{compressor}{seed}", "config": {"seed": seed}, "zeroshot": {"results": [row]}}
+        return Job([f"compressor={compressor}", f"seed={seed}"], "done", results=res)
+
+    jobs = [job(0, "wanda", 0.6), job(0, "sparsegpt", 0.7), job(1, "sparsegpt", 0.74)]
+    md, df = zeroshot_section(jobs, conditions(jobs))
+    assert len(df) == 3 and "| task | metric | items | dense % | compressor=wanda | compressor=sparsegpt |" in md
+    half = 100 * stats.t.ppf(0.975, 1) * stats.tstd([0.7, 0.74]) / 2 ** 0.5
+    assert f"| udhr_mc_en | acc_norm | 65 | 80.0 ± 5.0 | 60.0 ± 6.0 (Δ -20.0 ± 4.0) | 72.0 ± {half:.1f} (Δ -8.0 ± {half:.1f}) |" in md
+    assert zeroshot_section([Job(["compressor=wanda"], "done", results={"config": {}})], {0: "x"}) is None
+
+
+def test_continuation_scorer_matches_hflm_on_every_architecture(tokenizer):
+    """Our log-likelihoods (continuation positions only, sliced log-sum-exp) equal HFLM's full log-softmax ones."""
+    from lm_eval.models.huggingface import HFLM
+
+    from mbs.evaluate.zeroshot import _scorer
+    from mbs.models.tiny import tiny_model
+
+    pairs = [("Everyone has the right to", " life and liberty"), ("Kila mtu", " ana haki"), ("人人有权", "享有"),
+             ("No one shall be held in slavery or servitude; slavery and the slave trade shall be prohibited in all "
+              "their forms. Everyone", " has"), ("All", " human beings are born free and equal in dignity")]
+    for arch in ("llama", "gemma3", "bloom"):  # gemma3: a sliding window shorter than the long context
+        model = tiny_model(arch, {}).eval()
+        reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, softmax_dtype=torch.float32)
+        ours = _scorer(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=2)
+        requests = [((c, k), *reference._encode_pair(c, k)) for c, k in pairs]
+        with torch.no_grad():
+            expected = reference._loglikelihood_tokens(requests, disable_tqdm=True)
+            got = ours._loglikelihood_tokens(requests, disable_tqdm=True)
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)

@@ -176,6 +176,49 @@ def scores(output: dict[str, Any]) -> dict[str, TaskScore]:
     return table
 
 
+def _scorer(HFLM):
+    """HFLM whose log-likelihoods come from the final hidden states at the continuation positions only, through
+    the sliced fp32 log-sum-exp of the perplexity evaluation: HFLM forms and log-softmaxes the logits of every
+    position (for Gemma's 262k vocabulary, gigabytes per batch), of which a multiple-choice item needs the few
+    continuation tokens. Same inputs (the harness's tokenization, left truncation, right padding)."""
+    from mbs.evaluate.perplexity import token_nll
+    from mbs.models.adapter import Adapter
+
+    class Scorer(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            if self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            adapter = Adapter(self.model)
+            seqs = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
+            order = sorted(range(len(requests)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
+            out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+            size = int(override_bs or self.batch_size)  # an int: ZeroShotConfig.batch_size
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(requests), desc="zero-shot log-likelihoods", leave=False,
+                       **({"disable": True} if disable_tqdm else {}))  # else TQDM_DISABLE decides (_quiet)
+            for start in range(0, len(order), size):
+                batch = order[start:start + size]
+                width = max(len(seqs[i]) - 1 for i in batch)
+                inputs = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+                rows, cols, targets, spans = [], [], [], []
+                for r, i in enumerate(batch):
+                    seq, n_cont = seqs[i], len(requests[i][2])
+                    inputs[r, : len(seq) - 1] = torch.tensor(seq[:-1])
+                    spans.append((len(targets), len(targets) + n_cont))
+                    for pos in range(len(seq) - 1 - n_cont, len(seq) - 1):  # position pos predicts seq[pos + 1]
+                        rows.append(r), cols.append(pos), targets.append(seq[pos + 1])
+                hidden = self.model.base_model(input_ids=inputs.to(self.device), use_cache=False).last_hidden_state
+                nll, greedy = token_nll(adapter, hidden[rows, cols], torch.tensor(targets, device=hidden.device))
+                for i, (a, b) in zip(batch, spans):
+                    out[i] = (-float(nll[a:b].double().sum()), bool(greedy[a:b].all()))
+                bar.update(len(batch))
+            bar.close()
+            return out
+
+    return Scorer
+
+
 @dataclass
 class ZeroShot:
     """The checked task list and its TaskManager, made before the model loads; ``evaluate`` runs on a model."""
@@ -191,8 +234,8 @@ class ZeroShot:
         from lm_eval.models.huggingface import HFLM
 
         with _quiet(progress), _rng_kept(), torch.no_grad():
-            # bf16 logits are log-softmaxed in fp32; the model stays where it is (HFLM takes its device)
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.config.batch_size,
+            # fp32 log-likelihoods of the continuation tokens only; the model stays where it is (HFLM takes its device)
+            lm = _scorer(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=self.config.batch_size,
                       add_bos_token=add_bos, softmax_dtype=torch.float32)
             output = simple_evaluate(model=lm, tasks=list(self.tasks), num_fewshot=self.config.num_fewshot,
                                      limit=self.config.limit, task_manager=self.manager, log_samples=True,
