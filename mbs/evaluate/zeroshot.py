@@ -62,17 +62,17 @@ def harness_version() -> str:
 
 
 @contextmanager
-def _quiet(progress: bool) -> Iterator[None]:
+def _quiet(progress: bool, level: int = logging.WARNING) -> Iterator[None]:
     """The harness at WARNING (it logs at INFO per task and request), and without progress bars unless asked."""
     logger = logging.getLogger("lm_eval")
-    level, bars = logger.level, os.environ.get("TQDM_DISABLE")
-    logger.setLevel(logging.WARNING)
+    before, bars = logger.level, os.environ.get("TQDM_DISABLE")
+    logger.setLevel(level)
     if not progress:
         os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(before)
         if bars is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
@@ -93,17 +93,12 @@ def task_manager(tasks: list[str], include_paths: list[Path]):
     the closest known names). Only our own directories are indexed when they hold every task asked for (a second
     or less); otherwise the harness's ~15k built-in tasks too (10-15 s on a small CPU)."""
     harness = _harness()
-    quiet = logging.getLogger("lm_eval")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the index logs every skipped file
-    try:
+    with _quiet(True, logging.ERROR):  # the index warns about every overridden or skipped file
         if include_paths:
             local = harness.TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
             if all(_self_contained(t, local._index) for t in tasks):
                 return local
         manager = harness.TaskManager(include_path=[str(p) for p in include_paths] or None)
-    finally:
-        quiet.setLevel(level)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
