@@ -20,6 +20,7 @@ from mbs.data.local import LocalCorpus
 from mbs.data.languages import PAPER_LANGUAGES, check_languages
 from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
                                UniformSampler)
+from mbs.evaluate.zeroshot import ZeroShotConfig
 from mbs.models.spec import ModelSpec
 from mbs.record.loggers import NoLogger, WandbLogger
 from mbs.record.results import LOW_RESOURCE_SHARE
@@ -35,6 +36,8 @@ class EvalConfig:
     # summary: a language whose training share (a fraction of the model's whole distribution) is below this is
     # low-resource; 0.01 = 1%
     low_resource_share: float = LOW_RESOURCE_SHARE
+    tasks: list[str] = field(default_factory=list)  # lm-eval task/group names, zero-shot on dense and compressed
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def __post_init__(self) -> None:
         check_languages(self.languages, "eval.languages")
@@ -45,6 +48,9 @@ class EvalConfig:
         if not 0 < self.low_resource_share < 1:
             raise ValueError(f"eval.low_resource_share={self.low_resource_share} must be a fraction in (0, 1) of the "
                              f"model's training distribution (0.01 = 1%)")
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"eval.tasks repeats {', '.join(repeated)}; give each task once")
 
 
 @dataclass

@@ -17,12 +17,14 @@ from mbs.compress.engine import check_device_available, check_modules, compress_
 from mbs.config import Run, build
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
 from mbs.data.cache import TokenCache
-from mbs.data.corpora import check_available
+from mbs.data.corpora import UDHRCorpus, check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares
 from mbs.evaluate.perplexity import evaluate_languages
 from mbs.models.adapter import Adapter
 from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
+from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
+from mbs.evaluate.zeroshot import to_markdown as zeroshot_markdown
 from mbs.record.checkpoint import save_checkpoint
 from mbs.record.identity import identity
 from mbs.record.results import format_share, language_rows, summary, to_markdown, write_results
@@ -83,6 +85,7 @@ class Prepared:
     analysis_layers: list[int] = field(default_factory=list)  # analysis.layers as absolute indices
     timings: dict[str, float] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)  # name, chosen group options, schemas (mbs/record/identity.py)
+    zeroshot: ZeroShot | None = None  # eval.tasks, checked against the harness's task registry
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -100,6 +103,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         skeleton = model_skeleton(spec)
         check_modules(skeleton, run.compressor)  # layer shapes vs. the compressor, no weights loaded
         analysis_layers = similarity.resolve_layers(run.analysis.layers, len(Adapter(skeleton).layers))
+        zeroshot = prepare_zeroshot(run.eval.tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
+                                    run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
         tokenizer = tokenizer or load_tokenizer(spec)
         cache = TokenCache(model_cache(spec).root / "tokens")
@@ -116,7 +121,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         raise UserError(str(err)) from err
     log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)
     return Prepared(run, counts, tokenizer, calibration, windows, probe, analysis_layers,
-                    {"data_s": time.perf_counter() - t0}, identity(cfg))
+                    {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot)
 
 
 def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, Any]:
@@ -135,6 +140,11 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     t0 = time.perf_counter()
     dense = evaluate()
     timings["eval_dense_s"] = time.perf_counter() - t0
+    zeroshot = prepared.zeroshot
+    if zeroshot:
+        t0 = time.perf_counter()
+        zeroshot_dense = zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos, run.progress)
+        timings["zeroshot_dense_s"] = time.perf_counter() - t0
     model.to(run.engine.offload_device)
 
     language_similarity = None
@@ -152,6 +162,11 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     t0 = time.perf_counter()
     compressed = evaluate()
     timings["eval_compressed_s"] = time.perf_counter() - t0
+    if zeroshot:
+        t0 = time.perf_counter()
+        zeroshot_rows = compare(zeroshot_dense, zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos,
+                                                                  run.progress))
+        timings["zeroshot_compressed_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t + timings["data_s"]
 
     distribution = absolute_shares(spec.distribution)
@@ -174,6 +189,10 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": run.engine.device,
                         "threads": torch.get_num_threads()},
     }
+    if zeroshot:
+        results["zeroshot"] = {"harness": harness_version(), "tasks": zeroshot.tasks,
+                               "limit": run.eval.zeroshot.limit, "num_fewshot": run.eval.zeroshot.num_fewshot,
+                               "results": zeroshot_rows}
     if run.save_model:
         t0 = time.perf_counter()
         save_checkpoint(model, prepared.tokenizer, output_dir / "model")
@@ -225,4 +244,7 @@ def format_table(results: dict[str, Any]) -> str:
     model_config = results.get("config", {}).get("model", {})
     if model_config.get("source") == "gguf_package":
         head += f"\ndense = the de-quantized weights of {model_config.get('gguf_file')}"
-    return head + "\n" + to_markdown(results["languages"])
+    table = head + "\n" + to_markdown(results["languages"])
+    if results.get("zeroshot"):
+        table += "\nZero-shot accuracy (lm-eval):\n" + zeroshot_markdown(results["zeroshot"]["results"])
+    return table

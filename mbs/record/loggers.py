@@ -83,6 +83,9 @@ class WandbLogger:
                 logged.update(wandb_media(results["similarity"], model_label(results)))
             except Exception as err:  # noqa: BLE001 - as above
                 log.warning("W&B language similarity not logged: %s", err)
+        zeroshot = (results.get("zeroshot") or {}).get("results", [])
+        if zeroshot:  # lm-eval accuracy per task and metric, dense vs compressed (mbs/evaluate/zeroshot.py)
+            logged["zeroshot"] = wandb.Table(columns=list(zeroshot[0]), data=[list(r.values()) for r in zeroshot])
         self._run.log(logged)
         summary: dict[str, Any] = {f"summary/{k}": v for k, v in s.items() if not isinstance(v, list)}
         summary["summary/low_resource_languages"] = ",".join(s.get("low_resource_languages", []))
@@ -94,6 +97,8 @@ class WandbLogger:
                 summary[f"{metric}/{r['language']}"] = r[metric]
         summary.update({f"calibration_segments/{k}": v for k, v in segments.items()})
         summary["calibration_segments/total"] = results["calibration"]["total"]
+        summary.update({f"zeroshot/{r['task']}/{r['metric']}/{k}": r[k] for r in zeroshot
+                        for k in ("dense", "compressed", "difference")})
         for key, value in summary.items():
             self._run.summary[key] = value
         self._log_artifact(results)

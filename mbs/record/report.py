@@ -396,6 +396,10 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
           "Ratio: compressed / dense perplexity; log ratio: its natural log; geometric-mean ratio: exp of the mean "
           "log ratio over languages.\n\n"
           + markdown(agg, summ, low_resource_share))
+    from mbs.record.zeroshot_table import zeroshot_section
+
+    zeroshot = zeroshot_section(jobs, conditions(jobs))  # its own section, only when jobs ran eval.tasks
+    md += zeroshot[0] if zeroshot else ""
     files = [out / "report.md", out / "report.csv", out / "report_long.csv", out / "summary.csv",
              out / "degradation.png", out / "retention.png"]
     atomic_write(files[0], md)
@@ -404,4 +408,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
     atomic_write(files[3], summ.to_csv(index=False, float_format="%.10g"))
     plot_degradation(agg, files[4], low_resource_share=low_resource_share)
     plot_retention(df, files[5])
+    if zeroshot:
+        files.append(out / "zeroshot.csv")
+        atomic_write(files[-1], zeroshot[1].to_csv(index=False, float_format="%.10g"))
     return Report(status, complete, jobs, df, agg, files)
