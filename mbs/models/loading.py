@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mbs.atomic import atomic_path
+from mbs.models.adapter import set_layers_path
 from mbs.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def load_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
         model = _from_hub(AutoModelForCausalLM, spec, dtype=dtype, low_cpu_mem_usage=True)
     model.eval()
     model.requires_grad_(False)
+    set_layers_path(model, spec.layers_path)
     return model
 
 
@@ -107,7 +109,9 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
         from mbs.models.tiny import tiny_model
 
         with torch.device("meta"):
-            return tiny_model(spec.tiny_arch, spec.tiny_config)
+            model = tiny_model(spec.tiny_arch, spec.tiny_config)
+        set_layers_path(model, spec.layers_path)
+        return model
     if spec.source == "gguf_package":
         converted = _converted_dir(spec)
         if (converted / "config.json").exists():
@@ -118,7 +122,9 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
     else:
         config = _from_hub(AutoConfig, spec)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    set_layers_path(model, spec.layers_path)
+    return model
 
 
 def _save_converted(model: nn.Module, spec: ModelSpec, converted: Path) -> None:
