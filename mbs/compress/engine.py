@@ -1,12 +1,14 @@
 """The one sequential layer-wise engine every compressor plugs into.
 
 1. Capture: run the model's embedding stage once per calibration batch with every decoder layer replaced by a
-   pass-through, recording the first layer's input and each layer's keyword arguments (masks, rotary tables, alibi:
+   pass-through, recording the first layer's input and each layer's arguments, by name (masks, rotary tables, alibi:
    they differ between layers and depend on the batch).
-2. Per layer, on the compute device: forward hooks on its Linear modules accumulate the compressor's fp32 statistics
-   (per language when asked, else over all; batches then mix languages); Linear modules fed the same tensor (q/k/v,
-   gate/up) share one statistic; these forwards stop at the last Linear; the compressor edits the weights; the layer
-   is re-run so the next layer sees compressed outputs; the layer goes back to the offload device.
+2. Per layer, on the compute device: hooks on its Linear maps (the adapter's: nn.Linear, GPT-2 Conv1D, each MoE
+   expert's matrices fed only the tokens routed to it) accumulate the compressor's fp32 statistics (per language when
+   asked, else over all; batches then mix languages); Linear maps fed the same tensor (q/k/v, gate/up) share one
+   statistic; these forwards stop at the last Linear (not in MoE layers); the compressor edits the weights (an expert
+   no token reached is left as is and reported); the layer is re-run so the next layer sees compressed outputs; the
+   layer goes back to the offload device.
 """
 from __future__ import annotations
 

@@ -108,14 +108,15 @@ class Adapter:
 
     @property
     def norm(self) -> nn.Module:
-        """The final norm: the first norm module registered after the layers in the module that holds them."""
+        """The final norm: the first norm module registered after the layers in the module that holds them (else the
+        last one registered before them, as OPT does)."""
         parent = _get(self.model, self.layers_path.rpartition(".")[0]) if "." in self.layers_path else self.model
-        after = False
-        for child in parent.children():
-            if child is self._layers:
-                after = True
-            elif after and "norm" in type(child).__name__.lower():
-                return child
+        children = list(parent.children())
+        k = next(i for i, child in enumerate(children) if child is self._layers)
+        after, before = ([c for c in part if "norm" in type(c).__name__.lower()] for part in (children[k + 1:],
+                                                                                             children[:k]))
+        if after or before:
+            return after[0] if after else before[-1]
         raise AttributeError(f"no final norm found after the decoder layers of {_describe(self.model)}")
 
     def outer_modules(self) -> list[nn.Module]:
@@ -185,8 +186,13 @@ class Adapter:
         """A layer call as (hidden states, keyword arguments): positional arguments (GPT-2 and XGLM pass the mask
         positionally) are named by the layer's forward signature, so the call can be replayed as ``layer(x, **kw)``."""
         signature = inspect.signature(type(layer).forward)
-        bound = signature.bind(layer, *args, **kwargs)
         params = list(signature.parameters.values())
+        if len(params) < 2 or params[1].kind is params[1].VAR_POSITIONAL:  # forward(self, *args, **kwargs)
+            if len(args) != 1:
+                raise RuntimeError(f"{_describe(self.model)}: cannot tell its layers' hidden states from their other "
+                                   f"arguments (forward{signature})")
+            return args[0], dict(kwargs)
+        bound = signature.bind(layer, *args, **kwargs)
         named = {}
         for p in params[2:]:
             if p.name not in bound.arguments:

@@ -11,8 +11,10 @@ expert's inputs (the tokens routed to it, then its gated activations) to the eng
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,11 +80,13 @@ def _linear(x: torch.Tensor, experts: nn.Module, parameter: str, e: int) -> torc
     return out
 
 
-def observing_forward(experts: nn.Module, prefix: str, record: Record, hidden_states: torch.Tensor,
-                      top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def observing_forward(experts: nn.Module, prefix: str, record: Record, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The experts' forward, one expert at a time over the tokens routed to it, recording each expert's inputs
     (gate and up receive the same tensor, so the engine gives them one shared statistic). Experts no token was routed
-    to are never called, so they get no statistic."""
+    to are never called, so they get no statistic. Called as the module is: (hidden states, top-k expert indices,
+    top-k weights), whatever the model names them."""
+    bound = inspect.signature(type(experts).forward).bind(experts, *args, **kwargs)
+    hidden_states, top_k_index, top_k_weights = list(bound.arguments.values())[1:4]
     out = torch.zeros_like(hidden_states)
     up = _up_name(experts)
     for e in top_k_index.unique(sorted=True).tolist():
