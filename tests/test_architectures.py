@@ -284,3 +284,15 @@ def test_layers_that_cannot_be_found_stop_the_run_before_the_model_loads(monkeyp
         pipeline.prepare(compose_run("model=tiny-llama", "logger=none"))
     assert str(err.value).startswith("cannot find the decoder layers of model type 'llama' (LlamaForCausalLM)")
     assert "model.layers_path" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_model_with_no_causal_lm_class_is_one_line(tmp_path):
+    from transformers import T5Config
+
+    from mbs.models.loading import model_skeleton
+    from mbs.models.spec import ModelSpec
+
+    T5Config(num_layers=1, d_model=8, d_ff=8, num_heads=1, d_kv=8, vocab_size=16).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^model type 't5' \(.*\) has no causal-LM class in transformers") as err:
+        model_skeleton(ModelSpec(name="t5", source="hub", path=str(tmp_path)))
+    assert "\n" not in str(err.value)

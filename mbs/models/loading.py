@@ -121,8 +121,12 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
             config = AutoConfig.from_pretrained(directory, gguf_file=name)
     else:
         config = _from_hub(AutoConfig, spec)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:  # transformers' own message lists every model type over many lines
+        raise ValueError(f"model type {config.model_type!r} ({spec.path or spec.name}) has no causal-LM class in "
+                         f"transformers: MBS compresses decoder-only language models") from err
     set_layers_path(model, spec.layers_path)
     return model
 
