@@ -103,10 +103,6 @@ class Adapter:
         return self._layers
 
     @property
-    def model_type(self) -> str:
-        return str(getattr(self.model.config, "model_type", "?"))
-
-    @property
     def norm(self) -> nn.Module:
         """The final norm: the first norm module registered after the layers in the module that holds them (else the
         last one registered before them, as OPT does)."""
