@@ -232,9 +232,9 @@ def test_expert_views_edit_the_fused_parameters(tokenizer):
 
 
 @pytest.mark.slow
-def test_every_family_runs_end_to_end_through_run_py_with_wanda_and_gptq(tmp_path):
+def test_every_tiny_family_runs_end_to_end_through_run_py_with_wanda_and_gptq(tmp_path):
     """One multirun (one process) over every tiny family x {Wanda, GPTQ}: Hydra config, pipeline, results.json."""
-    families = {f"tiny-{arch.replace('_', '-')}": arch for arch in NEW}
+    families = {f"tiny-{arch.replace('_', '-')}": arch for arch in TINY}
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "run.py", "--multirun", f"model={','.join(families)}", "compressor=wanda,gptq",
@@ -296,3 +296,45 @@ def test_a_model_with_no_causal_lm_class_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^model type 't5' \(.*\) has no causal-LM class in transformers") as err:
         model_skeleton(ModelSpec(name="t5", source="hub", path=str(tmp_path)))
     assert "\n" not in str(err.value)
+
+
+_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, vocab_size=512)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+MORE = {  # families with no tiny-* config that the adapter handles without an entry of its own
+    "Phi3": _LLAMA, "Olmo2": _LLAMA, "Granite": dict(_LLAMA, logits_scaling=4.0), "StableLm": _LLAMA,
+    "GPTNeoX": dict(_LLAMA, num_key_value_heads=None), "Starcoder2": _LLAMA, "Glm": dict(_LLAMA, head_dim=16),
+    "Falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512),
+    "OPT": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+                word_embed_proj_dim=64),
+    "Cohere2": dict(_LLAMA, sliding_window=8), "Qwen3Moe": dict(_LLAMA, head_dim=16, **_MOE),
+    "Olmoe": dict(_LLAMA, num_experts=4, num_experts_per_tok=2), "Phimoe": dict(_LLAMA, num_local_experts=4,
+                                                                                 num_experts_per_tok=2),
+    "GptOss": dict(_LLAMA, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8),
+    "DeepseekV3": dict(_LLAMA, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+                       qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(MORE))
+def test_more_families_replay_exactly_and_compress(family, tokenizer):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**MORE[family], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    adapter = Adapter(model)
+    calib = calibration(tokenizer, {"en": 4, "sw": 4}, seqlen=24)
+    batches = calib.batches(4)
+    captured = capture(adapter, batches, "cpu")
+    hidden = captured.inputs
+    for i, layer in enumerate(adapter.layers):
+        hidden = run_layer(layer, adapter, hidden, captured.layer_kwargs[i])
+    for (_, ids), h in zip(batches, hidden):
+        assert torch.equal(adapter.logits(adapter.norm(h)), model(input_ids=ids).logits.float())
+    adapter.check_logits(batches[0][1][:1])
+    assert compress_model(model, Wanda(), calib, EngineConfig(batch_size=4), progress=False).sparsity == 0.5
+    compress_model(model, GPTQ(bits=4), calib, EngineConfig(batch_size=4), progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
