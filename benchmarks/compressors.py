@@ -233,7 +233,7 @@ def check_same_input(model: nn.Module, state: dict, compressor: Compressor, cali
 
 
 def layer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    prefix = Adapter(model).arch.layers + "."  # the adapter knows where each architecture keeps its layers
+    prefix = Adapter(model).layers_path + "."  # the adapter finds where each architecture keeps its layers
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
