@@ -270,8 +270,8 @@ def load(args):
     adapter = Adapter(model)
     layers = adapter.layers
     keep = nn.ModuleList(list(layers)[: args.layers])
-    parent = model.get_submodule(adapter.arch.layers.rsplit(".", 1)[0])
-    setattr(parent, adapter.arch.layers.rsplit(".", 1)[1], keep)
+    parent = model.get_submodule(adapter.layers_path.rsplit(".", 1)[0])
+    setattr(parent, adapter.layers_path.rsplit(".", 1)[1], keep)
     model.config.num_hidden_layers = len(keep)
     return model, prepared
 
