@@ -234,7 +234,7 @@ def check_same_input(model: nn.Module, state: dict, compressor: Compressor, cali
 
 
 def layer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    prefix = Adapter(model).arch.layers + "."  # the adapter knows where each architecture keeps its layers
+    prefix = Adapter(model).layers_path + "."  # the adapter finds where each architecture keeps its layers
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
@@ -271,8 +271,8 @@ def load(args):
     adapter = Adapter(model)
     layers = adapter.layers
     keep = nn.ModuleList(list(layers)[: args.layers])
-    parent = model.get_submodule(adapter.arch.layers.rsplit(".", 1)[0])
-    setattr(parent, adapter.arch.layers.rsplit(".", 1)[1], keep)
+    parent = model.get_submodule(adapter.layers_path.rsplit(".", 1)[0])
+    setattr(parent, adapter.layers_path.rsplit(".", 1)[1], keep)
     model.config.num_hidden_layers = len(keep)
     return model, prepared
 

@@ -42,5 +42,7 @@ class Compressor:
 
     def compress(self, name: str, module: nn.Linear, statistic: Statistic | None) -> dict[str, Any]:
         """Edit ``module.weight`` in place (statistics may be shared by modules with one input: do not modify them);
-        return figures worth recording for this module."""
+        return figures worth recording for this module. ``module`` is an nn.Linear or a view with the same ``weight``
+        [out, in] and ``in_features`` (GPT-2 Conv1D, one MoE expert's slice of fused weights): write into
+        ``module.weight`` (``.data[mask] = 0``, ``.data.copy_``), never assign a new tensor to it."""
         raise NotImplementedError

@@ -1,12 +1,14 @@
 """The one sequential layer-wise engine every compressor plugs into.
 
 1. Capture: run the model's embedding stage once per calibration batch with every decoder layer replaced by a
-   pass-through, recording the first layer's input and each layer's keyword arguments (masks, rotary tables, alibi:
+   pass-through, recording the first layer's input and each layer's arguments, by name (masks, rotary tables, alibi:
    they differ between layers and depend on the batch).
-2. Per layer, on the compute device: forward hooks on its Linear modules accumulate the compressor's fp32 statistics
-   (per language when asked, else over all; batches then mix languages); Linear modules fed the same tensor (q/k/v,
-   gate/up) share one statistic; these forwards stop at the last Linear; the compressor edits the weights; the layer
-   is re-run so the next layer sees compressed outputs; the layer goes back to the offload device.
+2. Per layer, on the compute device: hooks on its Linear maps (the adapter's: nn.Linear, GPT-2 Conv1D, each MoE
+   expert's matrices fed only the tokens routed to it) accumulate the compressor's fp32 statistics (per language when
+   asked, else over all; batches then mix languages); Linear maps fed the same tensor (q/k/v, gate/up) share one
+   statistic; these forwards stop at the last Linear (not in MoE layers); the compressor edits the weights (an expert
+   no token reached is left as is and reported); the layer is re-run so the next layer sees compressed outputs; the
+   layer goes back to the offload device.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ from torch import nn
 from mbs.compress.base import Compressor, Statistic
 from mbs.data.calibration import ALL_LANGUAGES, CalibrationSet
 from mbs.models.adapter import Adapter
+from mbs.models.experts import ExpertView
 
 log = logging.getLogger(__name__)
 
 # (layer index, input-group name, {language: statistic}) -> None; lets later stages keep per-language statistics.
 StatisticsObserver = Callable[[int, str, dict[str, Statistic]], None]
+UNCALIBRATED = "no calibration token was routed to this expert: left as is"
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Captured:
 class CompressionReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    uncalibrated: list[str] = field(default_factory=list)  # "layer i name" of modules left as is: no token reached them
 
     @property
     def zeros(self) -> int:
@@ -108,22 +113,24 @@ def _to(value: Any, device: torch.device | str) -> Any:
 
 @torch.no_grad()
 def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: torch.device | str) -> Captured:
-    """Record what every decoder layer is called with, without running any decoder layer."""
+    """Record what every decoder layer is called with, running only layer 0, once, to learn what a layer returns."""
     layers = adapter.layers
     adapter.move_outer(device)
     per_layer: list[list[dict[str, Any]]] = [[] for _ in layers]
     inputs: list[torch.Tensor] = []
+    sample: list = []  # one real output of layer 0: a pass-through returns the same structure
 
     def passthrough(index: int):
-        def forward(hidden_states, *args, **kwargs):
-            if args:
-                raise RuntimeError(f"layer {index} got unexpected positional arguments; extend the model adapter")
+        def forward(*args, **kwargs):
+            hidden_states, kwargs = adapter.split_call(layers[index], args, kwargs)
             if index == 0:
                 inputs.append(hidden_states)
+                if not sample:
+                    sample.append(_real_output(layers[0], hidden_states, kwargs))
             per_layer[index].append(kwargs)
             if index == len(layers) - 1:
                 raise _StopForward
-            return adapter.passthrough(hidden_states)
+            return adapter.passthrough(hidden_states, sample[0])
 
         return forward
 
@@ -141,6 +148,16 @@ def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: t
     return Captured(inputs, per_layer, [lang for lang, _ in batches])
 
 
+def _real_output(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    """Layer 0's real output for one batch (the layer visits the batch's device for it)."""
+    home = next(layer.parameters()).device
+    layer.to(hidden_states.device)
+    try:
+        return type(layer).forward(layer, hidden_states, **kwargs)
+    finally:
+        layer.to(home)
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, adapter: Adapter, inputs: list[torch.Tensor],
               kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
@@ -156,13 +173,15 @@ def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compresso
     Returns ({group leader: {language or ALL_LANGUAGES: statistic}}, {module: its group leader}). Modules called with
     the very same input tensor in a forward form one group and share the leader's statistic, so it is computed once.
     The outputs are not needed, so after the first batch each forward stops at the last Linear call the first one
-    made (the last Linear itself and what follows it are skipped).
+    made (the last Linear itself and what follows it are skipped), except in layers that route tokens to experts:
+    there each expert's statistic gets exactly the tokens routed to it, and an expert no token reached gets none.
     """
     linears = adapter.linears(layer)
     stats: dict[str, dict[str, Statistic]] = {}
     leader: dict[str, str] = {}
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # holds inputs alive during one forward, so ids are not reused
-    current = {"language": "", "calls": 0, "last": 0}  # "last": Linear calls in the first forward (0: not known yet)
+    # "last": Linear calls in the first forward (0: not known yet; -1: never stop early, the calls vary with routing)
+    current = {"language": "", "calls": 0, "last": -1 if adapter.routed(layer) else 0}
     buffers: dict[str, torch.Tensor] = {}  # one fp32 copy of each group's input, reused batch after batch
 
     def as_fp32(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -174,31 +193,26 @@ def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compresso
             buffer = buffers[name] = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
         return buffer.copy_(flat)  # measured 2.5-4x faster here than a fresh .float() copy per batch
 
-    def hook(name: str):
-        def pre_hook(module: nn.Linear, args: tuple) -> None:
-            current["calls"] += 1
-            x = args[0]
-            hit = seen.get(id(x))
-            if hit is not None and hit[0] is x:
-                group = leader.setdefault(name, hit[1])
-                if group != hit[1]:
-                    raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
-            else:
-                seen[id(x)] = (x, name)
-                if leader.setdefault(name, name) != name:
-                    raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
-                by_language = stats.setdefault(name, {})
-                key = current["language"] if per_language else ALL_LANGUAGES
-                if key not in by_language:
-                    by_language[key] = compressor.new_statistic(module)
-                by_language[key].update(as_fp32(name, x))
-            if current["calls"] == current["last"]:
-                raise _StopForward
+    def record(name: str, x: torch.Tensor) -> None:
+        current["calls"] += 1
+        hit = seen.get(id(x))
+        if hit is not None and hit[0] is x:
+            group = leader.setdefault(name, hit[1])
+            if group != hit[1]:
+                raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
+        else:
+            seen[id(x)] = (x, name)
+            if leader.setdefault(name, name) != name:
+                raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
+            by_language = stats.setdefault(name, {})
+            key = current["language"] if per_language else ALL_LANGUAGES
+            if key not in by_language:
+                by_language[key] = compressor.new_statistic(linears[name])
+            by_language[key].update(as_fp32(name, x))
+        if current["calls"] == current["last"]:
+            raise _StopForward
 
-        return pre_hook
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
+    with adapter.observe(layer, record):
         for x, kw, language in zip(inputs, kwargs, languages):
             current["language"] = language
             current["calls"] = 0
@@ -208,13 +222,10 @@ def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compresso
                 pass
             if not current["last"]:
                 current["last"] = current["calls"]
-            elif current["calls"] != current["last"]:
+            elif current["last"] > 0 and current["calls"] != current["last"]:
                 raise RuntimeError(f"the layer made {current['calls']} Linear calls in one forward and "
                                    f"{current['last']} in the first; cannot stop its statistics forwards early")
             seen.clear()
-    finally:
-        for h in handles:
-            h.remove()
     return stats, leader
 
 
@@ -298,8 +309,14 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
                           for group, by_language in stats.items()}
             modules = {}
             for name, module in linears.items():
-                statistic = totals[leader[name]] if captured is not None else None
+                statistic = totals[leader[name]] if captured is not None and name in leader else None
+                if captured is not None and statistic is None:  # an expert no calibration token was routed to
+                    modules[name] = {**_module_figures(module), "tokens": 0, "skipped": UNCALIBRATED}
+                    report.uncalibrated.append(f"layer {i} {name}")
+                    continue
                 extra = compressor.compress(f"layer {i} {name}", module, statistic)
+                if isinstance(module, ExpertView):  # how many calibration tokens the router sent this expert
+                    extra = {"tokens": statistic.tokens, **extra} if hasattr(statistic, "tokens") else extra
                 modules[name] = {**_module_figures(module), **extra}
             del stats
             if captured is not None and i + 1 < len(layers):
@@ -312,4 +329,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
         adapter.move_outer(config.offload_device)
     report.seconds = time.perf_counter() - start
+    if report.uncalibrated:
+        log.warning("%d expert matrices saw no calibration token and were left as is: %s", len(report.uncalibrated),
+                    ", ".join(report.uncalibrated))
     return report

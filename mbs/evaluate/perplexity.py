@@ -80,6 +80,9 @@ def evaluate_languages(model: nn.Module, windows: dict[str, list[torch.Tensor]],
     language runs on its own, so no padding enters the loss)."""
     adapter = Adapter(model)
     model.to(device)
+    first = next((w for ws in windows.values() for w in ws), None)
+    if first is not None:  # the head's maths, checked against the model's own forward on a few tokens
+        adapter.check_logits(first[:16].unsqueeze(0).to(device))
     results = {}
     items = windows.items()
     if progress:

@@ -15,6 +15,7 @@ from torch import nn
 
 from mbs.cache import Cache, cache_dir
 from mbs.models.spec import ModelSpec, check_model_package
+from mbs.models.adapter import set_layers_path
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def _load_model(spec: ModelSpec, seed: int) -> nn.Module:
         model = _from_hub(AutoModelForCausalLM, spec, dtype=dtype, low_cpu_mem_usage=True)
     model.eval()
     model.requires_grad_(False)
+    set_layers_path(model, spec.layers_path)
     return model
 
 
@@ -150,7 +152,9 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
         from mbs.models.tiny import tiny_model
 
         with torch.device("meta"):
-            return tiny_model(spec.tiny_arch, spec.tiny_config)
+            model = tiny_model(spec.tiny_arch, spec.tiny_config)
+        set_layers_path(model, spec.layers_path)
+        return model
     if spec.source == "gguf_package":
         converted = model_cache(spec).lookup(_converted_name(spec))
         if converted is not None:
@@ -160,8 +164,14 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
             config = AutoConfig.from_pretrained(directory, gguf_file=name)
     else:
         config = _from_hub(AutoConfig, spec)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:  # transformers' own message lists every model type over many lines
+        raise ValueError(f"model type {config.model_type!r} ({spec.path or spec.name}) has no causal-LM class in "
+                         f"transformers: MBS compresses decoder-only language models") from err
+    set_layers_path(model, spec.layers_path)
+    return model
 
 
 def _convert(spec: ModelSpec, dtype: torch.dtype, directory: Path) -> nn.Module:

@@ -56,9 +56,12 @@ class ModelSpec:
     revision: str | None = None
     gguf_package: str | None = None  # importable module name with assemble() (source=gguf_package)
     gguf_file: str | None = None
-    tiny_arch: str | None = None  # bloom | llama | gemma3 (source=tiny)
+    tiny_arch: str | None = None  # a key of mbs.models.tiny.TINY: bloom, llama, gemma3, gpt2, mixtral, ... (source=tiny)
     tiny_config: dict[str, Any] = field(default_factory=dict)  # overrides of the tiny transformers config
     dtype: str = "bfloat16"
+    # Attribute path of the decoder-layer ModuleList (e.g. "transformer.h"), for an architecture whose layers MBS
+    # cannot find by itself (mbs/models/adapter.py); empty: found from the model.
+    layers_path: str = ""
     seqlen: int = 2048
     # Prepend the tokenizer's BOS token to every window (Gemma and Llama are trained so; BLOOM is not).
     prepend_bos: bool = False
@@ -88,8 +91,11 @@ class ModelSpec:
             check_model_package(self.gguf_package)
         if self.source == "hub" and Path(self.path).expanduser().is_dir():
             check_local_model(Path(self.path).expanduser())
-        if self.source == "tiny" and self.tiny_arch not in ("bloom", "llama", "gemma3"):
-            raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of bloom, llama, gemma3")
+        if self.source == "tiny":
+            from mbs.models.tiny import TINY
+
+            if self.tiny_arch not in TINY:
+                raise ValueError(f"model.tiny_arch={self.tiny_arch!r} is not one of {', '.join(TINY)}")
         if self.distribution_tsv and self.distribution_estimate:
             raise ValueError("give model.distribution_tsv or model.distribution_estimate=true, not both "
                              "(with a TSV on an estimated model add model.distribution_estimate=false)")
