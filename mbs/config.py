@@ -20,6 +20,7 @@ from mbs.data.languages import PAPER_LANGUAGES, check_languages
 from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
                                UniformSampler)
 from mbs.models.spec import ModelSpec
+from mbs.record.export import FORMATS
 from mbs.record.loggers import NoLogger, WandbLogger
 
 
@@ -53,6 +54,7 @@ class RunConfig:
     progress: bool = True
     force: bool = False  # multirun: re-run jobs whose results already exist (mbs/sweep.py)
     save_model: bool = False  # write the compressed model (safetensors + config + tokenizer) to <run dir>/model
+    save_format: str = "compressed-tensors"  # or dense (mbs/record/export.py)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -91,10 +93,16 @@ class Run:
     seed: int
     progress: bool
     save_model: bool = False
+    save_format: str = "compressed-tensors"
+
+    def __post_init__(self) -> None:
+        if self.save_format not in FORMATS:
+            raise ValueError(f"save_format={self.save_format!r} is not a known format; allowed: {', '.join(FORMATS)}")
 
 
 def build(cfg: DictConfig) -> Run:
     """Turn the composed config into checked objects; every ValueError raised here names the bad value."""
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine")}
-    return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model))
+    return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
+               save_format=str(cfg.get("save_format", "compressed-tensors")))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mbs.compress.engine import check_modules, compress_model
+from mbs.compress.engine import check_modules, compress_model, layer_modules
 from mbs.config import Run, build
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
 from mbs.data.cache import TokenCache
@@ -21,7 +21,7 @@ from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares, renormalise
 from mbs.evaluate.perplexity import evaluate_languages
 from mbs.models.loading import cache_root, load_model, load_tokenizer, model_skeleton
-from mbs.record.checkpoint import save_checkpoint
+from mbs.record.export import check_export, export
 from mbs.record.results import language_rows, summary, to_markdown, write_results
 from mbs.sweep import experiment_id
 
@@ -74,7 +74,10 @@ def prepare(cfg: DictConfig) -> Prepared:
             spec.distribution = estimate_from_tokenizer(tokenizer, spec.estimate_sharpness)
             log.info("ESTIMATED language distribution (%s): %s", spec.distribution_source, spec.distribution)
         counts = plan(run)
-        check_modules(model_skeleton(spec), run.compressor)  # layer shapes vs. the compressor, no weights loaded
+        skeleton = model_skeleton(spec)
+        check_modules(skeleton, run.compressor)  # layer shapes vs. the compressor, no weights loaded
+        if run.save_model:
+            check_export(run.save_format, run.compressor, layer_modules(skeleton))
         seed_everything(run.seed)
         tokenizer = tokenizer or load_tokenizer(spec)
         cache = TokenCache(cache_root(spec) / "tokens")
@@ -135,7 +138,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     }
     if run.save_model:
         t0 = time.perf_counter()
-        save_checkpoint(model, prepared.tokenizer, output_dir / "model")
+        results["export"] = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
         timings["save_s"] = time.perf_counter() - t0
     write_results(output_dir, results)
     return results

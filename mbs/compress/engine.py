@@ -221,10 +221,21 @@ def _module_figures(module: nn.Linear) -> dict[str, Any]:
 
 def check_modules(model: nn.Module, compressor: Compressor) -> None:
     """Ask the compressor about every module it will see (shapes only: works on a meta-device skeleton)."""
+    for name, module in layer_modules(model).items():
+        compressor.check(name, module)
+
+
+def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules the engine compresses, every decoder layer's, by full name."""
     adapter = Adapter(model)
-    for i, layer in enumerate(adapter.layers):
-        for name, module in adapter.linears(layer).items():
-            compressor.check(f"layer {i} {name}", module)
+    full = module_names(model)
+    return {full[id(m)]: m for layer in adapter.layers for m in adapter.linears(layer).values()}
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """Every module's full name in the model (``model.layers.0.self_attn.q_proj``), by identity: compressors key
+    their records by it, so an exporter finds each module's grids under the name the checkpoint uses."""
+    return {id(m): name for name, m in model.named_modules()}
 
 
 @torch.no_grad()
@@ -235,6 +246,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     adapter = Adapter(model)
     layers = adapter.layers
     check_modules(model, compressor)
+    full = module_names(model)
     start = time.perf_counter()
     report = CompressionReport()
     if compressor.is_noop:
@@ -273,7 +285,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
             modules = {}
             for name, module in linears.items():
                 statistic = totals[leader[name]] if captured is not None else None
-                extra = compressor.compress(f"layer {i} {name}", module, statistic)
+                extra = compressor.compress(full[id(module)], module, statistic)
                 modules[name] = {**_module_figures(module), **extra}
             del stats
             if captured is not None and i + 1 < len(layers):
