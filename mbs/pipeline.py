@@ -12,16 +12,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mbs.compress.engine import check_modules, compress_model, layer_modules
+from mbs.api import calibration_mixture, compress, evaluation_windows, export, perplexity
+from mbs.compress.engine import check_modules, layer_modules
 from mbs.config import Run, build
-from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
+from mbs.data.calibration import CalibrationSet
 from mbs.data.cache import TokenCache
 from mbs.data.corpora import check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares, renormalise
-from mbs.evaluate.perplexity import evaluate_languages
 from mbs.models.loading import cache_root, load_model, load_tokenizer, model_skeleton
-from mbs.record.export import check_export, export
+from mbs.record.export import check_export
 from mbs.record.results import language_rows, summary, to_markdown, write_results
 from mbs.sweep import experiment_id
 
@@ -81,10 +81,11 @@ def prepare(cfg: DictConfig) -> Prepared:
         seed_everything(run.seed)
         tokenizer = tokenizer or load_tokenizer(spec)
         cache = TokenCache(cache_root(spec) / "tokens")
-        calibration = build_calibration(tokenizer, run.data, counts, spec.seqlen, run.seed, spec.prepend_bos,
-                                        cache=cache)
-        windows = build_eval_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, spec.seqlen,
-                                     spec.prepend_bos, max_windows=run.eval.max_windows or None, cache=cache)
+        calibration = calibration_mixture(tokenizer, run.data, spec.distribution, run.sampler, seqlen=spec.seqlen,
+                                          seed=run.seed, prepend_bos=spec.prepend_bos, cache=cache)
+        windows = evaluation_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, seqlen=spec.seqlen,
+                                     prepend_bos=spec.prepend_bos, max_windows=run.eval.max_windows or None,
+                                     cache=cache)
     except ValueError as err:
         raise UserError(str(err)) from err
     log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)
@@ -101,8 +102,8 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     timings["load_s"] = time.perf_counter() - t0
 
     def evaluate() -> dict:
-        return evaluate_languages(model, windows, run.engine.device, run.eval.batch_size, run.eval.chunk_tokens,
-                                  progress=run.progress)
+        return perplexity(model, windows, device=run.engine.device, batch_size=run.eval.batch_size,
+                          chunk_tokens=run.eval.chunk_tokens, progress=run.progress)
 
     t0 = time.perf_counter()
     dense = evaluate()
@@ -110,7 +111,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     model.to(run.engine.offload_device)
 
     t0 = time.perf_counter()
-    report = compress_model(model, run.compressor, prepared.calibration, run.engine, progress=run.progress)
+    report = compress(model, run.compressor, prepared.calibration, run.engine, progress=run.progress)
     timings["compress_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
