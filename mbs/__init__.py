@@ -3,7 +3,7 @@ data, compress layer by layer, measure every language.
 
     import mbs
     calibration = mbs.calibration_mixture(tokenizer, mbs.UDHRCorpus(), distribution, seqlen=256)
-    report = mbs.compress(model, mbs.Wanda(sparsity=0.5), calibration)
+    report = mbs.compress_model(model, mbs.Wanda(sparsity=0.5), calibration)
     losses = mbs.perplexity(model, mbs.evaluation_windows(tokenizer, mbs.UDHRCorpus(), ["en", "sw"], seqlen=256))
 
 Names load on first use, so ``import mbs`` stays light (no torch or transformers until a call needs them).
@@ -16,7 +16,7 @@ from typing import Any
 _EXPORTS = {
     # the calls (mbs/api.py; mbs/pipeline.py runs the same ones)
     "compose": "mbs.api", "configure": "mbs.api", "load": "mbs.api", "calibration_mixture": "mbs.api",
-    "evaluation_windows": "mbs.api", "compress": "mbs.api", "perplexity": "mbs.api", "export": "mbs.api",
+    "evaluation_windows": "mbs.api", "compress_model": "mbs.api", "perplexity": "mbs.api", "export": "mbs.api",
     "load_exported": "mbs.record.export",
     # compressors (their fields are the conf/compressor options)
     "Wanda": "mbs.compress.pruning", "Magnitude": "mbs.compress.pruning", "Dense": "mbs.compress.pruning",

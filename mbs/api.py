@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from mbs.compress.base import Compressor
-from mbs.compress.engine import CompressionReport, EngineConfig, StatisticsObserver, compress_model
+from mbs.compress import engine
+from mbs.compress.engine import CompressionReport, EngineConfig, StatisticsObserver
 from mbs.data.cache import TokenCache
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
 from mbs.data.corpora import Corpus
@@ -69,13 +70,13 @@ def evaluation_windows(tokenizer, corpus: Corpus, languages: list[str], *, seqle
     return build_eval_windows(tokenizer, corpus, languages, seqlen, prepend_bos, max_windows=max_windows, cache=cache)
 
 
-def compress(model: nn.Module, compressor: Compressor, calibration: CalibrationSet,
-             engine: EngineConfig | None = None, observer: StatisticsObserver | None = None,
-             progress: bool = False) -> CompressionReport:
+def compress_model(model: nn.Module, compressor: Compressor, calibration: CalibrationSet,
+                   config: EngineConfig | None = None, observer: StatisticsObserver | None = None,
+                   progress: bool = False) -> CompressionReport:
     """Compress ``model`` in place, layer by layer, with ``compressor`` (e.g. ``mbs.Wanda(sparsity=0.5)``,
     ``mbs.GPTQ(bits=4, groupsize=128)``) calibrated on ``calibration``; returns per-layer figures."""
-    return compress_model(model, compressor, calibration, engine or EngineConfig(), observer=observer,
-                          progress=progress)
+    return engine.compress_model(model, compressor, calibration, config or EngineConfig(), observer=observer,
+                                 progress=progress)
 
 
 def perplexity(model: nn.Module, windows: dict[str, list[torch.Tensor]], *, device: str = "cpu", batch_size: int = 8,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mbs.api import calibration_mixture, compress, evaluation_windows, export, perplexity
+from mbs.api import calibration_mixture, compress_model, evaluation_windows, export, perplexity
 from mbs.compress.engine import check_modules, layer_modules
 from mbs.config import Run, build
 from mbs.data.calibration import CalibrationSet
@@ -111,7 +111,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     model.to(run.engine.offload_device)
 
     t0 = time.perf_counter()
-    report = compress(model, run.compressor, prepared.calibration, run.engine, progress=run.progress)
+    report = compress_model(model, run.compressor, prepared.calibration, run.engine, progress=run.progress)
     timings["compress_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

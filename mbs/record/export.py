@@ -80,7 +80,9 @@ def _compressed_state(name: str, module: nn.Linear, grids: dict[str, Any], schem
     """The module's tensors as compressed-tensors writes them, checked to decompress to the in-memory weight."""
     weight = module.weight.detach()
     offset = 2 ** (grids["bits"] - 1)
-    local = {"weight": weight, "weight_scale": grids["scale"].to(weight.dtype)}
+    # fp32 weights in: the library divides by the scale in the weight's dtype, and a bf16 quotient can land half a
+    # step off an 8-bit level; the stored scale stays in the model dtype
+    local = {"weight": weight.float(), "weight_scale": grids["scale"].to(weight.dtype)}
     if not grids["sym"]:
         local["weight_zero_point"] = (grids["zero"] - offset).to(torch.int8)
     scale = grids["scale"]
