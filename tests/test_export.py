@@ -106,3 +106,16 @@ def test_run_py_refuses_bad_export_input_in_one_line(tmp_path, overrides, messag
     assert proc.returncode == 2 and proc.stderr.strip().startswith(message), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "model").exists()
+
+
+def test_a_failed_export_leaves_the_previous_checkpoint(tmp_path, tokenizer, monkeypatch):
+    model = tiny_model("llama", {})
+    rtn = mbs.RTN(bits=4, groupsize=32)
+    mbs.compress_model(model, rtn, calibration(tokenizer))
+    first = mbs.export(model, tmp_path / "model", rtn)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    model.model.layers[0].mlp.up_proj.weight.data[0, 0] += 1e-3  # off the grid: must not be written
+    with pytest.raises(RuntimeError, match=r"model.layers.0.mlp.up_proj: 1 weights do not decompress"):
+        mbs.export(model, tmp_path / "model", rtn)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and first["quantized_modules"] == 21

@@ -17,6 +17,10 @@ formats are legacy), so a pruned-only model is written as a dense checkpoint who
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +124,35 @@ def export(model: nn.Module, directory: str | Path, compressor: Any = None, toke
     bytes on disk beside the dense size (``results["export"]``). The in-memory model is not modified."""
     check_export(save_format, compressor)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with replacing_directory(directory) as tmp:
+        info = _write(model, tmp, compressor, tokenizer, save_format)
+    info["directory"] = str(directory)
+    log.info("exported %s (%d quantized modules) to %s: %.1f MB of weights, dense %.1f MB", info["format"],
+             info["quantized_modules"], directory, info["weights_bytes"] / 1e6, info["dense_bytes"] / 1e6)
+    return info
+
+
+@contextmanager
+def replacing_directory(directory: Path) -> Iterator[Path]:
+    """A temporary sibling to write; on success it takes the place of ``directory`` (an older one is removed only
+    then), on failure it is removed and ``directory`` is left as it was."""
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not directory.exists():
+            os.replace(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, save_format: str) -> dict[str, Any]:
     records = getattr(compressor, "records", {}) if save_format == "compressed-tensors" and quantizes(compressor) else {}
     state = dict(model.state_dict())
     quantization_config = None
@@ -154,9 +186,8 @@ def export(model: nn.Module, directory: str | Path, compressor: Any = None, toke
     dense = _unique_bytes(model.parameters())
     embedding = _unique_bytes(embeddings)
     weights = directory_bytes(directory, "*.safetensors")
-    info = {
+    return {
         "format": "compressed-tensors/" + quantization_config.format if records else "dense",
-        "directory": str(directory),
         "quantized_modules": len(records),
         "bits": compressor.bits if records else None,
         "kept_dense": ("embeddings, LM head, norms, biases" + ("" if records else ", every Linear weight (pruned "
@@ -169,10 +200,6 @@ def export(model: nn.Module, directory: str | Path, compressor: Any = None, toke
         "weights_to_dense": weights / dense if dense else None,
         "non_embedding_to_dense": (weights - embedding) / (dense - embedding) if dense > embedding else None,
     }
-    log.info("exported %s (%s) to %s: %.1f MB of weights, dense %.1f MB", info["format"],
-             f"{len(records)} quantized modules" if records else "no quantized modules", directory, weights / 1e6,
-             dense / 1e6)
-    return info
 
 
 def load_exported(directory: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module:
