@@ -20,7 +20,7 @@ from mbs.data.languages import PAPER_LANGUAGES, check_languages
 from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
                                UniformSampler)
 from mbs.models.spec import ModelSpec
-from mbs.record.export import FORMATS
+from mbs.record.export import check_format
 from mbs.record.loggers import NoLogger, WandbLogger
 
 
@@ -96,8 +96,7 @@ class Run:
     save_format: str = "compressed-tensors"
 
     def __post_init__(self) -> None:
-        if self.save_format not in FORMATS:
-            raise ValueError(f"save_format={self.save_format!r} is not a known format; allowed: {', '.join(FORMATS)}")
+        check_format(self.save_format)
 
 
 def build(cfg: DictConfig) -> Run:

@@ -39,11 +39,15 @@ def quantizes(compressor: Any) -> bool:
     return hasattr(compressor, "records") and spec is not None and spec.enabled
 
 
+def check_format(save_format: str) -> None:
+    if save_format not in FORMATS:
+        raise ValueError(f"save_format={save_format!r} is not a known format; allowed: {', '.join(FORMATS)}")
+
+
 def check_export(save_format: str, compressor: Any, modules: dict[str, nn.Module] | None = None) -> None:
     """Raise (one line, before the model loads) when ``save_format`` is unknown or cannot describe the compressor's
     result; ``modules``: the modules the compressor will see, by full name (shapes only: a meta skeleton will do)."""
-    if save_format not in FORMATS:
-        raise ValueError(f"save_format={save_format!r} is not a known format; allowed: {', '.join(FORMATS)}")
+    check_format(save_format)
     if save_format != "compressed-tensors" or not quantizes(compressor):
         return
     try:
