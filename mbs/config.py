@@ -22,6 +22,7 @@ from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSa
                                UniformSampler)
 from mbs.evaluate.zeroshot import ZeroShotConfig
 from mbs.models.spec import ModelSpec
+from mbs.record.export import check_format
 from mbs.record.loggers import NoLogger, WandbLogger
 from mbs.record.results import LOW_RESOURCE_SHARE
 
@@ -67,6 +68,7 @@ class RunConfig:
     progress: bool = True
     force: bool = False  # multirun: re-run jobs whose results already exist (mbs/sweep.py)
     save_model: bool = False  # write the compressed model (safetensors + config + tokenizer) to <run dir>/model
+    save_format: str = "compressed-tensors"  # or dense (mbs/record/export.py)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -111,6 +113,10 @@ class Run:
     progress: bool
     save_model: bool = False
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    save_format: str = "compressed-tensors"
+
+    def __post_init__(self) -> None:
+        check_format(self.save_format)
 
 
 def build(cfg: DictConfig) -> Run:
@@ -120,4 +126,5 @@ def build(cfg: DictConfig) -> Run:
         raise ValueError(f"seed={seed!r} is out of range; allowed: an integer in 0..{MAX_SEED} (numpy's seed range)")
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
-    return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model))
+    return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
+               save_format=str(cfg.get("save_format", "compressed-tensors")))

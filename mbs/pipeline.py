@@ -13,19 +13,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mbs.analyze import similarity
-from mbs.compress.engine import check_device_available, check_modules, compress_model
+from mbs.api import calibration_mixture, compress_model, evaluation_windows, export, perplexity
+from mbs.compress.engine import check_device_available, check_modules, layer_modules
 from mbs.config import Run, build
-from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
+from mbs.data.calibration import CalibrationSet
 from mbs.data.cache import TokenCache
 from mbs.data.corpora import UDHRCorpus, check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares
-from mbs.evaluate.perplexity import evaluate_languages
-from mbs.models.adapter import Adapter
-from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
 from mbs.evaluate.zeroshot import to_markdown as zeroshot_markdown
-from mbs.record.checkpoint import save_checkpoint
+from mbs.models.adapter import Adapter
+from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
+from mbs.record.export import check_export
 from mbs.record.identity import identity
 from mbs.record.results import format_share, language_rows, summary, to_markdown, write_results
 from mbs.sweep import experiment_id
@@ -103,15 +103,18 @@ def prepare(cfg: DictConfig) -> Prepared:
         skeleton = model_skeleton(spec)
         check_modules(skeleton, run.compressor)  # layer shapes vs. the compressor, no weights loaded
         analysis_layers = similarity.resolve_layers(run.analysis.layers, len(Adapter(skeleton).layers))
+        if run.save_model:
+            check_export(run.save_format, run.compressor, layer_modules(skeleton))
         zeroshot = prepare_zeroshot(run.eval.tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
                                     run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
         tokenizer = tokenizer or load_tokenizer(spec)
         cache = TokenCache(model_cache(spec).root / "tokens")
-        calibration = build_calibration(tokenizer, run.data, counts, spec.seqlen, run.seed, spec.prepend_bos,
-                                        cache=cache)
-        windows = build_eval_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, spec.seqlen,
-                                     spec.prepend_bos, max_windows=run.eval.max_windows or None, cache=cache)
+        calibration = calibration_mixture(tokenizer, run.data, spec.distribution, run.sampler, seqlen=spec.seqlen,
+                                          seed=run.seed, prepend_bos=spec.prepend_bos, cache=cache)
+        windows = evaluation_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, seqlen=spec.seqlen,
+                                     prepend_bos=spec.prepend_bos, max_windows=run.eval.max_windows or None,
+                                     cache=cache)
         probe = None
         if analysis_layers:
             languages = similarity.probe_languages(run.eval.languages, counts, run.data.languages())
@@ -134,8 +137,8 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     timings["load_s"] = time.perf_counter() - t0
 
     def evaluate() -> dict:
-        return evaluate_languages(model, windows, run.engine.device, run.eval.batch_size, run.eval.chunk_tokens,
-                                  progress=run.progress)
+        return perplexity(model, windows, device=run.engine.device, batch_size=run.eval.batch_size,
+                          chunk_tokens=run.eval.chunk_tokens, progress=run.progress)
 
     t0 = time.perf_counter()
     dense = evaluate()
@@ -196,7 +199,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
                                "results": zeroshot_rows}
     if run.save_model:
         t0 = time.perf_counter()
-        save_checkpoint(model, prepared.tokenizer, output_dir / "model")
+        results["export"] = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
         timings["save_s"] = time.perf_counter() - t0
     if language_similarity is not None:  # before results.json (written by run()), which marks the run as finished
         similarity.write_similarity(output_dir, language_similarity, similarity.model_label(results))

@@ -80,7 +80,7 @@ def test_layer_shape_errors_come_before_the_model_loads(tmp_path):
     """A group size that does not divide a layer's width is found on a weightless skeleton, in one line."""
     proc = run_py(tmp_path, "model=tiny-llama", "logger=none", "compressor=gptq", "compressor.groupsize=48", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("mbs: error: layer 0 self_attn.q_proj: compressor.groupsize=48 does not divide "
+    assert proc.stderr.strip() == ("mbs: error: model.layers.0.self_attn.q_proj: compressor.groupsize=48 does not divide "
                                    "in_features=64")
     assert not (tmp_path / "results.json").exists()
 

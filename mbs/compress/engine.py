@@ -257,10 +257,23 @@ def _module_figures(module: nn.Linear) -> dict[str, Any]:
 
 def check_modules(model: nn.Module, compressor: Compressor) -> None:
     """Ask the compressor about every module it will see (shapes only: works on a meta-device skeleton)."""
+    for name, module in layer_modules(model).items():
+        compressor.check(name, module)
+
+
+def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules the engine compresses, every decoder layer's, by full name."""
     adapter = Adapter(model)
-    for i, layer in enumerate(adapter.layers):
-        for name, module in adapter.linears(layer).items():
-            compressor.check(f"layer {i} {name}", module)
+    full = module_names(model)
+    return {f"{full[id(layer)]}.{name}": m for layer in adapter.layers for name, m in adapter.linears(layer).items()}
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """Every module's full name in the model (``model.layers.0``), by identity: a compressible matrix is named
+    ``<its layer's full name>.<its name in the layer>`` (``model.layers.0.self_attn.q_proj``, or
+    ``model.layers.0.mlp.experts.3.down_proj`` for a fused expert's view), so compressors key their records by the
+    name the checkpoint uses."""
+    return {id(m): name for name, m in model.named_modules()}
 
 
 @torch.no_grad()
@@ -271,6 +284,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     adapter = Adapter(model)
     layers = adapter.layers
     check_modules(model, compressor)
+    full = module_names(model)
     start = time.perf_counter()
     report = CompressionReport()
     if compressor.is_noop:
@@ -312,9 +326,9 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
                 statistic = totals[leader[name]] if captured is not None and name in leader else None
                 if captured is not None and statistic is None:  # an expert no calibration token was routed to
                     modules[name] = {**_module_figures(module), "tokens": 0, "skipped": UNCALIBRATED}
-                    report.uncalibrated.append(f"layer {i} {name}")
+                    report.uncalibrated.append(f"{full[id(layer)]}.{name}")
                     continue
-                extra = compressor.compress(f"layer {i} {name}", module, statistic)
+                extra = compressor.compress(f"{full[id(layer)]}.{name}", module, statistic)
                 if isinstance(module, ExpertView):  # how many calibration tokens the router sent this expert
                     extra = {"tokens": statistic.tokens, **extra} if hasattr(statistic, "tokens") else extra
                 modules[name] = {**_module_figures(module), **extra}

@@ -47,11 +47,12 @@ class RTN(Quantizing):
     needs_statistics: ClassVar[bool] = False
 
     def compress(self, name: str, module: nn.Linear, statistic: Any) -> dict[str, Any]:
+        spec = self.spec.for_weight(module.weight)
         w = module.weight.detach().float()
-        scale, zero = self.spec.fit_groups(w)
-        module.weight.data.copy_(self.spec.quantize_groups(w, scale, zero))
-        g_idx = torch.arange(w.shape[1], device=w.device) // self.spec.group_width(w.shape[1])
-        return self._figures(name, record(self.spec, scale, zero, g_idx))
+        scale, zero = spec.fit_groups(w)
+        module.weight.data.copy_(spec.quantize_groups(w, scale, zero))
+        g_idx = torch.arange(w.shape[1], device=w.device) // spec.group_width(w.shape[1])
+        return self._figures(name, record(spec, scale, zero, g_idx))
 
 
 @dataclass
@@ -61,7 +62,8 @@ class GPTQ(HessianSolver, Quantizing):
 
     def compress(self, name: str, module: nn.Linear, statistic: Hessian) -> dict[str, Any]:
         prepared = prepare(statistic, module.weight, self.percdamp, name, actorder=self.actorder)
-        quantizer = ColumnQuantizer(self.spec, prepared.weight, self.blocksize, prepared.perm, self.static_groups)
+        quantizer = ColumnQuantizer(self.spec.for_weight(module.weight), prepared.weight, self.blocksize, prepared.perm,
+                                    self.static_groups)
         weight = sweep(prepared.weight, prepared.hinv, self.blocksize, quantizer)
         if prepared.perm is not None:
             weight = weight[:, torch.argsort(prepared.perm)]

@@ -4,7 +4,7 @@ the model's dtype, on the grid), and every group's scale and zero point are kept
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,6 +15,13 @@ class QuantSpec:
     bits: int = 4
     sym: bool = False
     groupsize: int = -1  # -1: one grid per output row; else columns per group (must divide in_features)
+    # Scales are rounded to this dtype (the weight's own, as a checkpoint stores them: compressed-tensors keeps
+    # scales in the model dtype), so the fake-quantized weights are exactly what a reloaded checkpoint decompresses.
+    scale_dtype: torch.dtype | None = None
+
+    def for_weight(self, weight: torch.Tensor) -> "QuantSpec":
+        """This grid with scales stored in ``weight``'s dtype."""
+        return replace(self, scale_dtype=weight.dtype)
 
     def validate(self, allow_off: bool = False) -> None:
         """Raise on a bad config value (called from compressors' __post_init__, before the model loads)."""
@@ -51,10 +58,12 @@ class QuantSpec:
         xmin = torch.where(empty, -1.0, xmin)
         xmax = torch.where(empty, 1.0, xmax)
         scale = (xmax - xmin) / self.maxq
+        if self.scale_dtype is not None and self.scale_dtype != scale.dtype:
+            scale = scale.to(self.scale_dtype).float().clamp_min(torch.finfo(self.scale_dtype).tiny)
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) / 2)
-        else:
-            zero = torch.round(-xmin / scale)
+        else:  # clamped: a scale rounded down can put -xmin/scale a hair above maxq
+            zero = torch.round(-xmin / scale).clamp(0, self.maxq)
         return scale, zero
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ class SparseGPT(HessianSolver, Pruner):
         prepared = prepare(statistic, module.weight, self.percdamp, name)
         weight, diag = prepared.weight, prepared.hinv.diagonal()
         pruned = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.bool, device=weight.device)  # [col, row]
-        quantizer = ColumnQuantizer(self.spec, weight, self.blocksize) if self.spec.enabled else None
+        quantizer = ColumnQuantizer(self.spec.for_weight(module.weight), weight, self.blocksize) if self.spec.enabled else None
 
         def block(start: int, end: int, w1: torch.Tensor, d1: torch.Tensor) -> None:
             if not self.structured and self.sparsity:

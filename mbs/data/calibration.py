@@ -85,6 +85,17 @@ class CalibrationSet:
         stacked = torch.cat([t for t in self.segments.values() if t.numel()])
         return [(ALL_LANGUAGES, stacked[i : i + batch_size]) for i in range(0, stacked.shape[0], batch_size)]
 
+    def to_dataset(self):
+        """A ``datasets.Dataset`` with one row per segment (``input_ids``, ``attention_mask`` of ones, ``language``),
+        in language order: the same mixture as calibration data for another toolkit, e.g. llm-compressor's
+        ``oneshot(model, dataset=mixture.to_dataset(), num_calibration_samples=len(...))``."""
+        from datasets import Dataset
+
+        rows = [(lang, seg.tolist()) for lang, t in self.segments.items() for seg in t]
+        return Dataset.from_dict({"input_ids": [ids for _, ids in rows],
+                                  "attention_mask": [[1] * len(ids) for _, ids in rows],
+                                  "language": [lang for lang, _ in rows]})
+
 
 def build_calibration(tokenizer, corpus: Corpus, counts: Mapping[str, int], seqlen: int, seed: int,
                       prepend_bos: bool, split: str = "calibration", cache: TokenCache | None = None) -> CalibrationSet:

@@ -1,0 +1,221 @@
+"""Writing the compressed model in the format the serving ecosystem reads: the one module that knows the formats.
+
+``compressed-tensors`` (default): every quantized Linear is written by the ``compressed-tensors`` library's own
+``pack-quantized`` compressor (int weights packed in int32, ``weight_scale`` in the model dtype, ``weight_zero_point``
+when asymmetric, ``weight_shape``) and ``config.json`` gets the ``quantization_config`` that transformers (with the
+``compressed-tensors`` package) and vLLM read. Our grid is that format's grid: q ∈ [0, 2^b−1] with zero point z is
+its signed q−2^(b−1) with zero point z−2^(b−1); a symmetric grid has z = 2^(b−1), i.e. its zero point 0 (not stored);
+scales are fitted in the model dtype (mbs/compress/quantizer.py). Every module is decompressed again before writing
+and must give back the in-memory weight bit for bit, so the reloaded model computes what was evaluated.
+
+What stays dense: embeddings and the LM head (never compressed), norms, biases, and pruned weights. compressed-tensors
+0.20 no longer writes or reloads any sparse format (its model compressor writes ``sparsity_config: {}``; the bitmask
+formats are legacy), so a pruned-only model is written as a dense checkpoint whose pruned weights are zeros.
+
+``dense``: the model as it is in memory (pruned weights zero, quantized weights fake-quantized in the model dtype).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("compressed-tensors", "dense")
+SERVED_BITS = (4, 8)  # vLLM's compressed-tensors weight-only kernels (WNA16); transformers reloads 2-8 bits
+
+
+def quantizes(compressor: Any) -> bool:
+    """True when the compressor leaves weights on a quantization grid it keeps records of (RTN, GPTQ, SparseGPT+bits)."""
+    spec = getattr(compressor, "spec", None)
+    return hasattr(compressor, "records") and spec is not None and spec.enabled
+
+
+def check_format(save_format: str) -> None:
+    if save_format not in FORMATS:
+        raise ValueError(f"save_format={save_format!r} is not a known format; allowed: {', '.join(FORMATS)}")
+
+
+def check_export(save_format: str, compressor: Any, modules: dict[str, nn.Module] | None = None) -> None:
+    """Raise (one line, before the model loads) when ``save_format`` is unknown or cannot describe the compressor's
+    result; ``modules``: the modules the compressor will see, by full name (shapes only: a meta skeleton will do)."""
+    check_format(save_format)
+    if save_format != "compressed-tensors" or not quantizes(compressor):
+        return
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as err:
+        raise ValueError("save_format=compressed-tensors needs the compressed-tensors package: "
+                         "pip install compressed-tensors (or set save_format=dense)") from err
+    if getattr(compressor, "actorder", False) and not getattr(compressor, "static_groups", False) \
+            and compressor.groupsize > 0:
+        raise ValueError("compressor.actorder=true with compressor.static_groups=false makes groups of permuted "
+                         "columns (a g_idx), which compressed-tensors no longer stores (its actorder='group' was "
+                         "removed); set compressor.static_groups=true (its actorder='weight') or save_format=dense")
+    for name, module in (modules or {}).items():
+        if type(module) is not nn.Linear:
+            raise ValueError(f"{name}: compressed-tensors packs nn.Linear weights, not {type(module).__name__}; "
+                             f"set save_format=dense")
+    if not compressor.sym:
+        log.warning("compressor.sym=false: reload this checkpoint with transformers passing quantization_config="
+                    "CompressedTensorsConfig(dequantize=True) (mbs.record.export.load_exported does); a plain "
+                    "from_pretrained fails on the packed zero points (transformers 5.24 / compressed-tensors 0.20)")
+    if compressor.bits not in SERVED_BITS:
+        log.warning("compressor.bits=%d: the compressed-tensors checkpoint reloads with transformers, but vLLM's "
+                    "kernels serve only %s-bit weights", compressor.bits, "/".join(map(str, SERVED_BITS)))
+
+
+def _scheme(compressor: Any):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    groupsize = compressor.groupsize
+    args = QuantizationArgs(num_bits=compressor.bits, type="int", symmetric=compressor.sym,
+                            strategy="group" if groupsize > 0 else "channel",
+                            group_size=groupsize if groupsize > 0 else None,
+                            actorder="weight" if getattr(compressor, "actorder", False) else None)
+    return QuantizationScheme(targets=["Linear"], weights=args)
+
+
+def _compressed_state(name: str, module: nn.Linear, grids: dict[str, Any], scheme, compressor_cls) -> dict:
+    """The module's tensors as compressed-tensors writes them, checked to decompress to the in-memory weight."""
+    weight = module.weight.detach()
+    offset = 2 ** (grids["bits"] - 1)
+    # fp32 weights in: the library divides by the scale in the weight's dtype, and a bf16 quotient can land half a
+    # step off an 8-bit level; the stored scale stays in the model dtype
+    local = {"weight": weight.float(), "weight_scale": grids["scale"].to(weight.dtype)}
+    if not grids["sym"]:
+        local["weight_zero_point"] = (grids["zero"] - offset).to(torch.int8)
+    scale = grids["scale"]
+    if not torch.equal(scale.to(weight.dtype).float(), scale):
+        raise RuntimeError(f"{name}: scales are not representable in {weight.dtype}; cannot export exactly")
+    expected_width = grids["groupsize"] if grids["groupsize"] > 0 else weight.shape[1]
+    if not torch.equal(grids["g_idx"].cpu(), torch.arange(weight.shape[1]) // expected_width):
+        raise RuntimeError(f"{name}: columns are grouped by a permutation (g_idx), which compressed-tensors cannot store")
+    packed = compressor_cls.compress(local, scheme)
+    back = compressor_cls.decompress(dict(packed), scheme)["weight"]
+    if not torch.equal(back.to(weight.dtype), weight):
+        diff = int((back.to(weight.dtype) != weight).sum())
+        raise RuntimeError(f"{name}: {diff} weights do not decompress to their in-memory values; not exporting")
+    return {k: v for k, v in packed.items() if k != "weight"}
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of the tensors in their dtype, a tied tensor counted once (as a checkpoint stores it)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def directory_bytes(directory: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob(pattern) if p.is_file())
+
+
+def export(model: nn.Module, directory: str | Path, compressor: Any = None, tokenizer: Any = None,
+           save_format: str = "compressed-tensors") -> dict[str, Any]:
+    """Write ``model`` (compressed in memory by ``compressor``) to ``directory``; return what was written and its
+    bytes on disk beside the dense size (``results["export"]``). The in-memory model is not modified."""
+    check_export(save_format, compressor)
+    directory = Path(directory)
+    with replacing_directory(directory) as tmp:
+        info = _write(model, tmp, compressor, tokenizer, save_format)
+    info["directory"] = str(directory)
+    log.info("exported %s (%d quantized modules) to %s: %.1f MB of weights, dense %.1f MB", info["format"],
+             info["quantized_modules"], directory, info["weights_bytes"] / 1e6, info["dense_bytes"] / 1e6)
+    return info
+
+
+@contextmanager
+def replacing_directory(directory: Path) -> Iterator[Path]:
+    """A temporary sibling to write; on success it takes the place of ``directory`` (an older one is removed only
+    then), on failure it is removed and ``directory`` is left as it was."""
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not directory.exists():
+            os.replace(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, save_format: str) -> dict[str, Any]:
+    records = getattr(compressor, "records", {}) if save_format == "compressed-tensors" and quantizes(compressor) else {}
+    state = dict(model.state_dict())
+    quantization_config = None
+    if records:
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.compressors.format import infer_module_format
+        from compressed_tensors.quantization import QuantizationConfig
+
+        scheme = _scheme(compressor)
+        fmt = infer_module_format(nn.Linear, scheme)
+        compressor_cls = BaseCompressor.get_value_from_registry(fmt.value)
+        modules = dict(model.named_modules())
+        missing = [n for n in records if n not in modules]
+        if missing:
+            raise RuntimeError(f"compressor records name modules the model does not have: {', '.join(missing[:3])}")
+        for name, grids in records.items():
+            del state[f"{name}.weight"]
+            for key, value in _compressed_state(name, modules[name], grids, scheme, compressor_cls).items():
+                state[f"{name}.{key}"] = value
+        ignore = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in records)
+        quantization_config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt.value,
+                                                 quantization_status="compressed", ignore=ignore)
+    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    if quantization_config is not None:
+        from compressed_tensors.compressors import ModelCompressor
+
+        ModelCompressor(quantization_config=quantization_config).update_config(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    embeddings = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    dense = _unique_bytes(model.parameters())
+    embedding = _unique_bytes(embeddings)
+    weights = directory_bytes(directory, "*.safetensors")
+    return {
+        "format": "compressed-tensors/" + quantization_config.format if records else "dense",
+        "quantized_modules": len(records),
+        "bits": compressor.bits if records else None,
+        "kept_dense": ("embeddings, LM head, norms, biases" + ("" if records else ", every Linear weight (pruned "
+                       "weights as zeros: compressed-tensors writes no sparse format)")),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "bytes_on_disk": directory_bytes(directory),
+        "weights_bytes": weights,
+        "dense_bytes": dense,
+        "embedding_bytes": embedding,
+        "weights_to_dense": weights / dense if dense else None,
+        "non_embedding_to_dense": (weights - embedding) / (dense - embedding) if dense > embedding else None,
+    }
+
+
+def load_exported(directory: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """Reload an exported checkpoint with transformers, quantized weights decompressed at load time (what works for
+    symmetric and asymmetric grids alike; vLLM reads the same directory as it is)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if "quantization_config" in json.loads((Path(directory) / "config.json").read_text()):
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).eval().requires_grad_(False)
