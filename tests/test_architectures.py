@@ -165,7 +165,7 @@ def test_an_expert_no_token_reaches_is_left_as_is_and_reported(compressor, token
         gate.forward = never_three
     before = {n: v.weight.clone() for n, v in adapter.linears(adapter.layers[0]).items()}
     report = compress_model(model, compressor, calibration(tokenizer), EngineConfig(batch_size=4), progress=False)
-    untouched = {f"layer {i} mlp.experts.3.{m}" for i in range(3) for m in ("gate_proj", "up_proj", "down_proj")}
+    untouched = {f"model.layers.{i}.mlp.experts.3.{m}" for i in range(3) for m in ("gate_proj", "up_proj", "down_proj")}
     assert set(report.uncalibrated) == untouched
     views = adapter.linears(adapter.layers[0])
     records = report.layers[0]["modules"]
@@ -252,8 +252,9 @@ def test_every_tiny_family_runs_end_to_end_through_run_py_with_wanda_and_gptq(tm
             assert c["sparsity"] == pytest.approx(0.5, abs=1e-3)
         else:
             assert all(m["bits"] == 4 for m in modules if "skipped" not in m)
-        assert c["uncalibrated"] == [f"layer {layer['index']} {n}" for layer in c["layers"]
-                                     for n, m in layer["modules"].items() if "skipped" in m]
+        skipped = [(layer["index"], n) for layer in c["layers"] for n, m in layer["modules"].items() if "skipped" in m]
+        assert len(c["uncalibrated"]) == len(skipped)  # full names: <the layer's full name>.<name in the layer>
+        assert all(u.endswith(f".{i}.{n}") for u, (i, n) in zip(c["uncalibrated"], skipped))
         assert all(row["compressed_ppl"] > 0 for row in r["languages"])
         if r["model"]["name"] in ("tiny-mixtral", "tiny-qwen2-moe"):
             experts = [m for layer in c["layers"] for n, m in layer["modules"].items() if ".experts." in n]
@@ -293,6 +294,7 @@ def test_a_model_with_no_causal_lm_class_is_one_line(tmp_path):
     from mbs.models.spec import ModelSpec
 
     T5Config(num_layers=1, d_model=8, d_ff=8, num_heads=1, d_kv=8, vocab_size=16).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()  # a local model directory must hold weights (checked first)
     with pytest.raises(ValueError, match=r"^model type 't5' \(.*\) has no causal-LM class in transformers") as err:
         model_skeleton(ModelSpec(name="t5", source="hub", path=str(tmp_path)))
     assert "\n" not in str(err.value)

@@ -226,7 +226,7 @@ def test_observer_statistics_stay_per_language_after_merging(cls, tokenizer):
             before_sum, before_tokens = snapshot[(i, group)][language]
             assert statistic.tokens == before_tokens and torch.equal(statistic.sum, before_sum), (i, group, language)
         if i == 0:
-            total_sum, total_tokens = given[f"layer 0 {group}"]
+            total_sum, total_tokens = given[f"model.layers.0.{group}"]
             assert total_tokens == sum(s.tokens for s in stats.values())
             expected = torch.zeros_like(total_sum)
             for s in stats.values():
