@@ -201,8 +201,6 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         t0 = time.perf_counter()
         results["export"] = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
         timings["save_s"] = time.perf_counter() - t0
-    if language_similarity is not None:  # before results.json (written by run()), which marks the run as finished
-        similarity.write_similarity(output_dir, language_similarity, similarity.model_label(results))
     return results
 
 
@@ -219,6 +217,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         print(format_table(results), flush=True)
         logger.log_results(results)
         try:
+            if results.get("similarity"):  # before results.json, which marks the run as finished
+                similarity.write_similarity(output_dir, results["similarity"], similarity.model_label(results))
             write_results(output_dir, results)
         except OSError as err:
             raise ResultsNotWritten(f"could not write the result files to {output_dir} ({err.strerror or err}); "
