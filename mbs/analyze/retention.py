@@ -409,7 +409,7 @@ def _markdown(sweep_dir: Path, status: str, models: str, sentence: str, corrs: l
                   "standardized b1 / b2 | R² |", "|---|---:|---:|---:|---:|---:|---:|"]
         for f in fits:
             cells = [f"{v:.4f} {_ci(*ci)}" for v, ci in zip(f.coefficients, f.ci)]
-            lines.append(f"| {f.labels[1].removeprefix('similarity (').rstrip(')')} | {f.n} | {' | '.join(cells)} | "
+            lines.append(f"| {f.labels[1].removeprefix('similarity (').removesuffix(')')} | {f.n} | {' | '.join(cells)} | "
                          f"{f.standardized[0]:.3f} / {f.standardized[1]:.3f} | {f.r2:.3f} |")
     else:
         lines += ["", "No job recorded language similarity (analysis.layers=[]): only the share factor is analysed."]
