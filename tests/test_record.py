@@ -116,7 +116,7 @@ def test_degradation_figure_bars_then_heatmap(n, tmp_path):
         assert ax.get_yscale() == "log" and labels[3:] == ["all", "share\n<1%"]
         assert [p.get_y() + p.get_height() for p in ax.patches[:5]] == pytest.approx(expected)
     else:
-        assert labels[3:] == ["geo. mean\nall", "geo. mean\nshare <1%"]
+        assert labels[3:] == ["geo.\nmean\nall", "geo.\nmean\nshare\n<1%"]
         assert [math.exp(v) for v in ax.images[0].get_array()[0]] == pytest.approx(expected)
     assert (tmp_path / "degradation.png").stat().st_size and (tmp_path / "degradation.pdf").stat().st_size
 

@@ -342,7 +342,7 @@ def _degradation_heatmap(agg: pd.DataFrame, conds: list[str], title: str, low_re
                     color="white" if (norm(v) > 0.65 or (lo < 0 and norm(v) < 0.2)) else "black")
     ax.axvline(len(langs) - 0.5, color="black", linewidth=1.2)
     labels = [_share_label(lang, agg.loc[agg["language"] == lang, "training_share_pct"].iloc[0]) for lang in langs]
-    ax.set_xticks(range(cols), labels + [f"geo. mean\n{n.replace(chr(10), ' ')}" for n in means], fontsize=6.5)
+    ax.set_xticks(range(cols), labels + [f"geo.\nmean\n{n}" for n in means], fontsize=6.5)
     ax.set_yticks(range(len(conds)), conds, fontsize=7)
     ax.set_xlabel("language and training share (model's distribution), by share", fontsize=8)
     ax.set_title(title, fontsize=9)
