@@ -37,3 +37,14 @@ def calibration(tokenizer, counts=None, seqlen=32, seed=0, bos=True):
     from mbs.data.corpora import UDHRCorpus
 
     return build_calibration(tokenizer, UDHRCorpus(), counts or {"en": 3, "sw": 2, "fr": 3}, seqlen, seed, bos)
+
+
+def replay(adapter, batches):
+    """Every batch through the engine's captured inputs and every layer in turn: the final hidden states."""
+    from mbs.compress.engine import capture, run_layer
+
+    captured = capture(adapter, batches, "cpu")
+    hidden = captured.inputs
+    for i, layer in enumerate(adapter.layers):
+        hidden = run_layer(layer, adapter, hidden, captured.layer_kwargs[i])
+    return captured, hidden

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import calibration, tiny
+from conftest import calibration, replay, tiny
 from mbs.compress.engine import EngineConfig, capture, collect_statistics, compress_model, run_layer
 from mbs.compress.pruning import Magnitude, Wanda
 from mbs.compress.quantization import GPTQ, RTN
@@ -330,10 +330,7 @@ def test_more_families_replay_exactly_and_compress(family, tokenizer):
     adapter = Adapter(model)
     calib = calibration(tokenizer, {"en": 4, "sw": 4}, seqlen=24)
     batches = calib.batches(4)
-    captured = capture(adapter, batches, "cpu")
-    hidden = captured.inputs
-    for i, layer in enumerate(adapter.layers):
-        hidden = run_layer(layer, adapter, hidden, captured.layer_kwargs[i])
+    captured, hidden = replay(adapter, batches)
     for (_, ids), h in zip(batches, hidden):
         assert torch.equal(adapter.logits(adapter.norm(h)), model(input_ids=ids).logits.float())
     adapter.check_logits(batches[0][1][:1])

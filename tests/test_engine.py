@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import ARCHS, calibration, tiny
+from conftest import ARCHS, calibration, replay, tiny
 from mbs.compress.engine import EngineConfig, capture, collect_statistics, compress_model, run_layer
 from mbs.compress.pruning import Dense, Magnitude, Wanda
 from mbs.compress.sparsegpt import SparseGPT
@@ -19,10 +19,7 @@ def test_captured_kwargs_replay_reproduces_logits_exactly(arch, tokenizer):
     calib = calibration(tokenizer)
     adapter = Adapter(model)
     batches = calib.batches(4)
-    captured = capture(adapter, batches, "cpu")
-    hidden = captured.inputs
-    for i, layer in enumerate(adapter.layers):
-        hidden = run_layer(layer, adapter, hidden, captured.layer_kwargs[i])
+    captured, hidden = replay(adapter, batches)
     for (_, ids), h in zip(batches, hidden):
         replayed = adapter.logits(adapter.norm(h))
         assert torch.equal(replayed, logits(model, ids).float())
