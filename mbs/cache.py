@@ -121,13 +121,14 @@ class Cache:
         self._sweep(path, blocking=False)
         return path
 
-    def entry(self, name: str, build: Callable[[Path], None], what: str = "") -> Path:
-        """The directory of a checked entry, built by ``build(directory)`` if it is missing or damaged.
+    def entry(self, name: str, build: Callable[[Path], None], what: str = "", rebuild: bool = False) -> Path:
+        """The directory of a checked entry, built by ``build(directory)`` if it is missing or damaged (or always,
+        replacing it, with ``rebuild``: a run asked to recompute).
 
         ``build`` fills an empty directory; it runs at most once across concurrent runs (the others wait for the
         lock, then find the entry). Unwritable cache: built into a private temporary directory, with a warning."""
         what = what or name
-        found = self.lookup(name)
+        found = None if rebuild else self.lookup(name)
         if found is not None:
             return found
         path = self.root / name
@@ -142,10 +143,13 @@ class Cache:
         except OSError as err:
             return self._uncached(name, build, what, err)
         try:
-            if self.lookup(name) is not None:  # another run built it while this one waited
+            if not rebuild and self.lookup(name) is not None:  # another run built it while this one waited
                 return path
             self._sweep(path, blocking=True)
-            if path.exists() or path.is_symlink():
+            if rebuild and (path.exists() or path.is_symlink()):
+                log.info("cache: recomputing %s (%s)", what, path)
+                _remove(path)
+            elif path.exists() or path.is_symlink():
                 reason = damage(path) if path.is_dir() else "not a directory"
                 log.warning("cache: %s at %s is %s; rebuilding it", what, path, reason)
                 _remove(path)

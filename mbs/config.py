@@ -66,7 +66,8 @@ class RunConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     seed: int = 0
     progress: bool = True
-    force: bool = False  # multirun: re-run jobs whose results already exist (mbs/sweep.py)
+    force: bool = False  # re-run jobs whose results already exist (multirun, mbs/sweep.py) and recompute cached dense
+    # results and statistics (mbs/evaluate/baseline.py, mbs/compress/cached.py)
     save_model: bool = False  # write the compressed model (safetensors + config + tokenizer) to <run dir>/model
     save_format: str = "compressed-tensors"  # or dense (mbs/record/export.py)
 
@@ -114,6 +115,7 @@ class Run:
     save_model: bool = False
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     save_format: str = "compressed-tensors"
+    force: bool = False
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
@@ -127,4 +129,4 @@ def build(cfg: DictConfig) -> Run:
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
-               save_format=str(cfg.get("save_format", "compressed-tensors")))
+               save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)))

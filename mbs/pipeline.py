@@ -5,24 +5,33 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from mbs.analyze import similarity
 from mbs.api import calibration_mixture, compress_model, evaluation_windows, export, perplexity
+from mbs.compress import engine as engine_module
+from mbs.compress import statistics as statistics_module
+from mbs.compress.cached import LanguageStatistics, check_cached, compress_cached
 from mbs.compress.engine import check_device_available, check_modules, layer_modules
 from mbs.config import Run, build
-from mbs.data.calibration import CalibrationSet
 from mbs.data.cache import TokenCache
+from mbs.data.calibration import CalibrationSet, SegmentSource
 from mbs.data.corpora import UDHRCorpus, check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares
+from mbs.evaluate import perplexity as perplexity_module
+from mbs.evaluate.baseline import DenseResults, source_fingerprint, tokens_fingerprint, weights_fingerprint
+from mbs.evaluate.perplexity import LanguageLoss
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
 from mbs.evaluate.zeroshot import to_markdown as zeroshot_markdown
+from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
 from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
 from mbs.record.export import check_export
@@ -86,6 +95,7 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)  # name, chosen group options, schemas (mbs/record/identity.py)
     zeroshot: ZeroShot | None = None  # eval.tasks, checked against the harness's task registry
+    source: SegmentSource | None = None  # any number of each language's calibration segments (engine.mode=cached)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -105,6 +115,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         analysis_layers = similarity.resolve_layers(run.analysis.layers, len(Adapter(skeleton).layers))
         if run.save_model:
             check_export(run.save_format, run.compressor, layer_modules(skeleton))
+        if run.engine.mode == "cached":
+            check_cached(run.compressor, skeleton)
         zeroshot = prepare_zeroshot(run.eval.tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
                                     run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
@@ -123,8 +135,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     except ValueError as err:
         raise UserError(str(err)) from err
     log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)
+    source = SegmentSource(tokenizer, run.data, spec.seqlen, run.seed, spec.prepend_bos, cache)
     return Prepared(run, counts, tokenizer, calibration, windows, probe, analysis_layers,
-                    {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot)
+                    {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, source)
 
 
 def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, Any]:
@@ -141,7 +154,10 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
                           chunk_tokens=run.eval.chunk_tokens, progress=run.progress)
 
     t0 = time.perf_counter()
-    dense = evaluate()
+    dense_results = DenseResults(model_cache(spec), weights_fingerprint(model), force=run.force)
+    timings["fingerprint_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dense, baseline = dense_perplexity(dense_results, evaluate, model, windows, run)
     timings["eval_dense_s"] = time.perf_counter() - t0
     zeroshot = prepared.zeroshot
     if zeroshot:
@@ -153,13 +169,20 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
     language_similarity = None
     if prepared.probe is not None:  # on the dense model, before compression
         t0 = time.perf_counter()
-        vectors = similarity.language_vectors(model, prepared.probe, prepared.analysis_layers, run.engine)
+        vectors, baseline["similarity"] = dense_similarity(dense_results, model, prepared, run)
         language_similarity = similarity.similarity_record(vectors, list(run.analysis.layers), prepared.counts,
                                                            prepared.probe, run.analysis, run.data.name)
         timings["similarity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    report = compress_model(model, run.compressor, prepared.calibration, run.engine, progress=run.progress)
+    statistics = None
+    if run.engine.mode == "cached":
+        statistics = LanguageStatistics(model, prepared.source, dense_results.weights, model_cache(spec),
+                                        run.engine.device, force=run.force, pool=run.engine.statistics_pool)
+        report = compress_cached(model, run.compressor, prepared.calibration, statistics, run.engine.offload_device,
+                                 progress=run.progress)
+    else:
+        report = compress_model(model, run.compressor, prepared.calibration, run.engine, progress=run.progress)
     timings["compress_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -187,8 +210,12 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         "summary": summary(rows, run.eval.low_resource_share),
         "compression": {"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,
                         "zeros": report.zeros, "params": report.params, "layers": report.layers,
-                        "uncalibrated": report.uncalibrated},  # MoE experts no calibration token reached: left as is
+                        "uncalibrated": report.uncalibrated,  # MoE experts no calibration token reached: left as is
+                        "mode": run.engine.mode,  # sequential, or cached: non-sequential from cached statistics
+                        **({"statistics_blocks": {"loaded": statistics.loaded, "computed": statistics.computed}}
+                           if statistics else {})},
         "similarity": language_similarity,
+        "dense_baseline": baseline,  # cached or computed, and the cache entries
         "timings": timings,
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": run.engine.device,
                         "threads": torch.get_num_threads()},
@@ -202,6 +229,36 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         results["export"] = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
         timings["save_s"] = time.perf_counter() - t0
     return results
+
+
+def dense_perplexity(dense_results: DenseResults, evaluate: Callable[[], dict[str, LanguageLoss]], model: nn.Module,
+                     windows: dict[str, list[torch.Tensor]], run: Run) -> tuple[dict[str, LanguageLoss], dict]:
+    """The dense per-language perplexity, from the cache when this model's weights were evaluated on these very
+    windows with these settings and code before."""
+    key = {"windows": tokens_fingerprint(windows), "dtype": str(next(model.parameters()).dtype),
+           "device": run.engine.device, "batch_size": run.eval.batch_size, "chunk_tokens": run.eval.chunk_tokens,
+           "code": source_fingerprint(perplexity_module, adapter_module)}
+    value, source, entry = dense_results.get(
+        "perplexity", key, lambda: {k: [v.nll, v.tokens] for k, v in evaluate().items()})
+    log.info("dense perplexity: %s (%s)", source, entry)
+    return {k: LanguageLoss(nll, tokens) for k, (nll, tokens) in value.items()}, {"perplexity": source,
+                                                                                 "perplexity_entry": entry}
+
+
+def dense_similarity(dense_results: DenseResults, model: nn.Module, prepared: Prepared, run: Run
+                     ) -> tuple[dict[int, dict[str, torch.Tensor]], str]:
+    """The similarity probe's activation vectors of the dense model, from the cache when computed before."""
+    key = {"probe": tokens_fingerprint(prepared.probe.segments), "layers": prepared.analysis_layers,
+           "device": run.engine.device, "batch_size": run.engine.batch_size,
+           "code": source_fingerprint(similarity, engine_module, statistics_module, adapter_module)}
+
+    def compute() -> dict:
+        vectors = similarity.language_vectors(model, prepared.probe, prepared.analysis_layers, run.engine)
+        return {str(i): {k: v.tolist() for k, v in by_language.items()} for i, by_language in vectors.items()}
+
+    value, source, _ = dense_results.get("similarity", key, compute)
+    return {int(i): {k: torch.tensor(v, dtype=torch.float32) for k, v in by_language.items()}
+            for i, by_language in value.items()}, source
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:

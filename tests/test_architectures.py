@@ -237,7 +237,8 @@ def test_every_tiny_family_runs_end_to_end_through_run_py_with_wanda_and_gptq(tm
     families = {f"tiny-{arch.replace('_', '-')}": arch for arch in TINY}
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "run.py", "--multirun", f"model={','.join(families)}", "compressor=wanda,gptq",
+        [sys.executable, "run.py", "--multirun", f"model={','.join(families)}",
+         "hydra.sweeper.grids=[{compressor: wanda}, {compressor: gptq, compressor.groupsize: 32}]",
          "logger=none", "progress=false", "sampler.segments=8", "eval.languages=[en,sw]", "eval.max_windows=1",
          "engine.batch_size=4", "model.seqlen=32", f"hydra.sweep.dir={sweep}"],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)

@@ -96,7 +96,7 @@ def test_bad_export_input_is_refused():
 
 @pytest.mark.parametrize("overrides, message", [
     (["save_format=onnx"], "mbs: error: save_format='onnx' is not a known format; allowed: compressed-tensors, dense"),
-    (["compressor=gptq", "compressor.groupsize=32", "compressor.actorder=true", "save_model=true"],
+    (["compressor=gptq", "compressor.groupsize=32", "compressor.static_groups=false", "save_model=true"],
      "mbs: error: compressor.actorder=true with compressor.static_groups=false makes groups of permuted columns"),
 ])
 def test_run_py_refuses_bad_export_input_in_one_line(tmp_path, overrides, message):

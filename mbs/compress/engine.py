@@ -40,8 +40,14 @@ class EngineConfig:
     offload_device: str = "cpu"  # where layers wait before and after their turn
     batch_size: int = 8
     per_language_statistics: bool = False  # keep one statistic per language (else one for all) for observers
+    mode: str = "sequential"  # or "cached": non-sequential, from cached per-language statistics (mbs/compress/cached.py)
+    statistics_pool: int = 0  # cached mode: segments forwarded per language at most (0: all the mixture's, exactly)
 
     def __post_init__(self) -> None:
+        if self.mode not in ("sequential", "cached"):
+            raise ValueError(f"engine.mode={self.mode!r} is not a mode; allowed: sequential, cached")
+        if self.statistics_pool < 0:
+            raise ValueError(f"engine.statistics_pool={self.statistics_pool} must be >= 0 (0: every segment)")
         if self.batch_size < 1:
             raise ValueError(f"engine.batch_size={self.batch_size} must be >= 1")
         for key in ("device", "offload_device"):

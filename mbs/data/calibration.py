@@ -97,20 +97,47 @@ class CalibrationSet:
                                   "language": [lang for lang, _ in rows]})
 
 
+def language_segments(tokenizer, corpus: Corpus, language: str, count: int, seqlen: int, seed: int,
+                      prepend_bos: bool, split: str = "calibration", cache: TokenCache | None = None) -> torch.Tensor:
+    """The first ``count`` segments of a language's seeded sample: segment i is the same whatever ``count`` is (the
+    offsets come one after another from the language's own generator), so a larger sample extends a smaller one."""
+    prefix = _prefix(tokenizer, prepend_bos)
+    stream = language_stream(tokenizer, corpus, language, split, cache)
+    need = seqlen - len(prefix)
+    if count and stream.numel() < need:
+        raise ValueError(
+            f"language {language!r} has {stream.numel()} tokens of {split} text in corpus {corpus.name!r}, fewer "
+            f"than one segment of {need}; lower model.seqlen or drop the language"
+        )
+    return sample_segments(stream, count, seqlen, language_seed(seed, language), prefix)
+
+
 def build_calibration(tokenizer, corpus: Corpus, counts: Mapping[str, int], seqlen: int, seed: int,
                       prepend_bos: bool, split: str = "calibration", cache: TokenCache | None = None) -> CalibrationSet:
-    prefix = _prefix(tokenizer, prepend_bos)
-    segments = {}
-    for language, count in counts.items():
-        stream = language_stream(tokenizer, corpus, language, split, cache)
-        need = seqlen - len(prefix)
-        if count and stream.numel() < need:
-            raise ValueError(
-                f"language {language!r} has {stream.numel()} tokens of {split} text in corpus {corpus.name!r}, fewer "
-                f"than one segment of {need}; lower model.seqlen or drop the language"
-            )
-        segments[language] = sample_segments(stream, count, seqlen, language_seed(seed, language), prefix)
-    return CalibrationSet(segments)
+    return CalibrationSet({language: language_segments(tokenizer, corpus, language, count, seqlen, seed, prepend_bos,
+                                                       split, cache) for language, count in counts.items()})
+
+
+@dataclass
+class SegmentSource:
+    """Any number of each language's calibration segments, as :func:`build_calibration` samples them (what
+    ``engine.mode=cached`` extends a language's cached statistics with), and the key of that sample."""
+
+    tokenizer: object
+    corpus: Corpus
+    seqlen: int
+    seed: int
+    prepend_bos: bool
+    cache: TokenCache | None = None
+
+    def segments(self, language: str, count: int) -> torch.Tensor:
+        return language_segments(self.tokenizer, self.corpus, language, count, self.seqlen, self.seed,
+                                 self.prepend_bos, cache=self.cache)
+
+    def key(self, language: str) -> dict:
+        """Everything the language's sample depends on."""
+        return {"stream": stream_key(self.tokenizer, self.corpus, language, "calibration"), "seqlen": self.seqlen,
+                "seed": language_seed(self.seed, language), "prefix": _prefix(self.tokenizer, self.prepend_bos)}
 
 
 def build_eval_windows(tokenizer, corpus: Corpus, languages: list[str], seqlen: int, prepend_bos: bool,

@@ -1,0 +1,218 @@
+"""``engine.mode=cached``: compress from per-language statistics of the *dense* model, kept on disk and mixed by
+segment counts, so a calibration-mixture sweep pays its statistics forwards once instead of once per job.
+
+Each language's calibration sample is cut into blocks of ``BLOCK`` segments (segment i is the same whatever count a
+mixture asks for: :func:`mbs.data.calibration.language_segments`). A block is forwarded once through the dense model
+(one batch, so its numbers never depend on what else a job needs) with every decoder layer's Linear inputs observed,
+and each segment's statistic is kept apart: for Wanda, Σx² per input channel of every input group (q/k/v share one),
+[BLOCK, width] fp32 per layer and group, ~2.5 MB per block for Gemma 3 270M. A job loads the blocks its counts need
+(computing the missing ones), sums each language's first ``count`` segments in fp64 and compresses every module from
+that mixture's statistic, with no further forward. ``engine.statistics_pool=N`` caps the segments forwarded per
+language: a count above N is covered by the language's first N segments scaled by count/N (the mixture's weights on
+per-language means), so a sweep over any mixtures of L languages forwards at most L·N segments in all.
+
+This is the *non-sequential* variant: every layer's statistic comes from dense-model inputs, not from inputs that the
+already-compressed earlier layers produced, as in the sequential engine (the default, and the reference; the sweep
+benchmark reports how far the two are apart per language). Statistics that are sums of per-token vectors (Wanda's;
+magnitude needs none) are supported; Hessians would need width² per segment (6M floats per layer for Gemma 3 270M),
+so SparseGPT and GPTQ refuse this mode. Models that route tokens to experts refuse it too (which tokens an expert
+sees is not separable by segment through the observers).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mbs.cache import Cache
+from mbs.compress.base import Compressor
+from mbs.compress.statistics import ColumnSquares
+from mbs.data.calibration import CalibrationSet, SegmentSource
+from mbs.models.adapter import Adapter
+
+log = logging.getLogger(__name__)
+
+BLOCK = 8  # segments per forward and per cache entry
+VERSION = 1  # bump when what a block holds changes
+MODES = ("sequential", "cached")
+
+
+def check_cached(compressor: Compressor, model: nn.Module) -> None:
+    """One-line errors, on the model skeleton, for what the cached mode cannot do."""
+    name = type(compressor).__name__.lower()
+    if compressor.needs_statistics:
+        probe = compressor.new_statistic(nn.Linear(2, 2, device="meta"))
+        if not isinstance(probe, ColumnSquares):
+            raise ValueError(f"engine.mode=cached keeps per-segment vector statistics; compressor {name!r} needs "
+                             f"{type(probe).__name__} (width² per segment); allowed with it: wanda, magnitude, dense "
+                             f"(or engine.mode=sequential)")
+    adapter = Adapter(model)
+    if any(adapter.routed(layer) for layer in adapter.layers):
+        raise ValueError("engine.mode=cached cannot split expert statistics by segment for a model that routes tokens "
+                         "to experts; use engine.mode=sequential")
+
+
+@torch.no_grad()
+def block_statistics(model: nn.Module, segments: torch.Tensor, device: torch.device | str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, str]]]:
+    """One forward of ``segments`` [b, seqlen] through the dense model: ({"<layer>.<group leader>": [b, width] Σx²
+    per segment}, {layer: {module: its group leader}}); modules fed the very same tensor share the leader's."""
+    adapter = Adapter(model)
+    stats: dict[str, torch.Tensor] = {}
+    leaders: dict[str, dict[str, str]] = {}
+    batch = segments.shape[0]
+
+    def recorder(index: int):
+        seen: dict[int, tuple[torch.Tensor, str]] = {}  # alive for this one forward, so ids are not reused
+        leaders[str(index)] = {}
+
+        def record(name: str, x: torch.Tensor) -> None:
+            hit = seen.get(id(x))
+            if hit is not None and hit[0] is x:
+                leaders[str(index)][name] = hit[1]
+                return
+            seen[id(x)] = (x, name)
+            leaders[str(index)][name] = name
+            flat = x.reshape(batch, -1, x.shape[-1]).float()
+            stats[f"{index}.{name}"] = torch.linalg.vecdot(flat, flat, dim=1).cpu()
+
+        return record
+
+    from contextlib import ExitStack
+
+    model.to(device)
+    with ExitStack() as stack:
+        for i, layer in enumerate(adapter.layers):
+            stack.enter_context(adapter.observe(layer, recorder(i)))
+        model.base_model(input_ids=segments.to(device), use_cache=False)
+    return stats, leaders
+
+
+@dataclass
+class LanguageStatistics:
+    """The dense model's per-segment statistics of each language's calibration sample, addressable by language,
+    layer and input group; blocks come from ``store`` when it holds them (None: computed in memory only)."""
+
+    model: nn.Module
+    source: SegmentSource
+    weights: str  # weights fingerprint of the dense model (mbs/evaluate/baseline.py)
+    store: Cache | None = None
+    device: str = "cpu"
+    force: bool = False
+    pool: int = 0  # segments per language at most (0: every segment the mixture has, exactly)
+    computed: int = 0  # blocks forwarded by this object
+    loaded: int = 0  # blocks found in the store
+    _leaders: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def _name(self, language: str, block: int) -> str:
+        from mbs.sweep import numeric_environment
+
+        key = json.dumps({"v": VERSION, "block": BLOCK, "weights": self.weights, "device": self.device,
+                          "sample": self.source.key(language), "environment": numeric_environment()},
+                         sort_keys=True, default=str)
+        return f"statistics/{hashlib.sha256(key.encode()).hexdigest()[:24]}/{language}-{block}"
+
+    def _block(self, language: str, block: int) -> dict[str, torch.Tensor]:
+        def compute() -> tuple[dict[str, torch.Tensor], dict]:
+            segments = self.source.segments(language, (block + 1) * BLOCK)[block * BLOCK:]
+            self.computed += 1
+            return block_statistics(self.model, segments, self.device)
+
+        if self.store is None:
+            stats, leaders = compute()
+            self._leaders = self._leaders or leaders
+            return stats
+        before = self.computed
+
+        def build(directory) -> None:
+            stats, leaders = compute()
+            save_file(stats, str(directory / "statistics.safetensors"))
+            (directory / "leaders.json").write_text(json.dumps(leaders))
+
+        path = self.store.entry(self._name(language, block), build, f"statistics of {language} block {block}",
+                                rebuild=self.force)
+        self.loaded += self.computed == before
+        self._leaders = self._leaders or json.loads((path / "leaders.json").read_text())
+        return load_file(str(path / "statistics.safetensors"))
+
+    def segments(self, language: str, count: int) -> dict[str, torch.Tensor]:
+        """{"<layer>.<group leader>": [count, width]} of the language's first ``count`` segments."""
+        blocks = [self._block(language, b) for b in range(math.ceil(count / BLOCK))]
+        return {k: torch.cat([b[k] for b in blocks])[:count] for k in blocks[0]}
+
+    def mixture(self, counts: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, str]]]:
+        """Σx² of the mixture's segments per layer and group (summed in fp64, languages in sorted order), and the
+        groups: exactly what the non-sequential statistics of that calibration set are, whatever is cached. With a
+        ``pool``, a language's count above it is covered by its first ``pool`` segments, scaled by count / pool."""
+        total: dict[str, torch.Tensor] = {}
+        for language in sorted(k for k, v in counts.items() if v):
+            used = min(counts[language], self.pool) if self.pool else counts[language]
+            for key, per_segment in self.segments(language, used).items():
+                part = per_segment.double().sum(0)
+                if used != counts[language]:
+                    part = part * (counts[language] / used)
+                total[key] = total[key] + part if key in total else part
+        return {k: v.float() for k, v in total.items()}, self._leaders
+
+
+def check_sample(calibration: CalibrationSet, source: SegmentSource) -> None:
+    """The job's calibration set is the prefix of each language's sample the cache extends (else the statistics
+    would describe other text)."""
+    for language, segments in calibration.segments.items():
+        if segments.shape[0] and not torch.equal(source.segments(language, segments.shape[0]), segments):
+            raise RuntimeError(f"the calibration segments of {language!r} are not the prefix of its seeded sample; "
+                               f"cannot use engine.mode=cached")
+
+
+@torch.no_grad()
+def compress_cached(model: nn.Module, compressor: Compressor, calibration: CalibrationSet,
+                    statistics: LanguageStatistics, offload_device: str = "cpu", progress: bool = True):
+    """Compress every decoder layer from the mixture's non-sequential statistics (no forward once cached)."""
+    from mbs.compress.engine import CompressionReport, _layer_record, _module_figures, check_modules, module_names
+
+    adapter = Adapter(model)
+    check_modules(model, compressor)
+    report = CompressionReport()
+    start = time.perf_counter()
+    counts = {k: int(v.shape[0]) for k, v in calibration.segments.items()}
+    mixed, leaders = {}, {}
+    if compressor.needs_statistics and not compressor.is_noop:
+        check_sample(calibration, statistics.source)
+        mixed, leaders = statistics.mixture(counts)
+    tokens = sum(counts.values()) * statistics.source.seqlen
+    full = module_names(model)
+    layers: Iterable = enumerate(adapter.layers)
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, total=len(adapter.layers), desc=f"compress cached ({type(compressor).__name__})",
+                      leave=False)
+    for i, layer in layers:
+        t0 = time.perf_counter()
+        modules = {}
+        shared = {}
+        for name, module in adapter.linears(layer).items():
+            statistic = None
+            if mixed:
+                leader = leaders[str(i)][name]
+                if leader != name:
+                    shared[name] = leader
+                statistic = compressor.new_statistic(module)
+                statistic.sum = mixed[f"{i}.{leader}"].to(statistic.sum.device)
+                statistic.tokens = tokens
+            extra = {} if compressor.is_noop else compressor.compress(f"{full[id(layer)]}.{name}", module, statistic)
+            modules[name] = {**_module_figures(module), **extra}
+        layer.to(offload_device)
+        report.layers.append(_layer_record(i, time.perf_counter() - t0, modules, shared))
+    report.seconds = time.perf_counter() - start
+    log.info("cached statistics: %d blocks of %d segments loaded, %d computed", statistics.loaded, BLOCK,
+             statistics.computed)
+    return report
