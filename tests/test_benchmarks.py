@@ -14,6 +14,8 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
     ("compressors.py", ["--only", "wanda-2:4,sparsegpt,gptq-4b", "--segments", "32"],
      ["wanda-2:4", "sparsegpt", "gptq-4b"]),
     ("evaluation.py", ["--languages", "en,sw"], ["en", "sw", "speed-up"]),
+    ("sweep.py", ["--mixtures", "english,hi only", "--pool", "8"],
+     ["cached mode, statistics_pool=8 vs the sequential engine", "tables identical: True"]),
 ])
 def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], cwd=ROOT,
