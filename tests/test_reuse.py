@@ -152,3 +152,26 @@ def test_a_pool_scales_each_language_mean_to_its_count(tokenizer, tmp_path):
     for key, value in pooled.items():
         expected = en[key].double().sum(0) * (20 / BLOCK) + sw[key].double().sum(0)
         assert torch.equal(value, expected.float())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("engine.mode=cached", "compressor=gptq", "compressor.groupsize=32"), "engine.mode=cached keeps per-segment"),
+    (("engine.mode=fast",), "engine.mode='fast' is not a mode; allowed: sequential, cached"),
+    (("engine.mode=cached", "engine.statistics_pool=-1"), "engine.statistics_pool=-1 must be >= 0"),
+])
+def test_cached_mode_input_errors_come_before_the_model_loads(overrides, message):
+    from mbs.pipeline import UserError, prepare
+
+    with pytest.raises((UserError, ValueError), match=message):
+        prepare(mbs.compose(*TINY, *overrides))
+
+
+def test_a_cached_mode_run_records_its_mode_and_blocks(tmp_path, monkeypatch):
+    monkeypatch.setenv("MBS_CACHE", str(tmp_path / "cache"))
+    first = run_in(tmp_path, "a", "engine.mode=cached")
+    again = run_in(tmp_path, "b", "engine.mode=cached")
+    assert first["compression"]["mode"] == "cached" and first["compression"]["sparsity"] == 0.5
+    assert first["compression"]["statistics_blocks"]["computed"] > 0
+    assert again["compression"]["statistics_blocks"] == {"loaded": first["compression"]["statistics_blocks"]["computed"],
+                                                         "computed": 0}
+    assert [r["compressed_ppl"] for r in first["languages"]] == [r["compressed_ppl"] for r in again["languages"]]
