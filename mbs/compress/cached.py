@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,8 @@ from torch import nn
 
 from mbs.cache import Cache
 from mbs.compress.base import Compressor
+from mbs.compress.engine import (CompressionReport, InputGroups, _layer_record, _module_figures, check_modules,
+                                 module_names)
 from mbs.compress.statistics import ColumnSquares
 from mbs.data.calibration import CalibrationSet, SegmentSource
 from mbs.models.adapter import Adapter
@@ -67,33 +70,23 @@ def block_statistics(model: nn.Module, segments: torch.Tensor, device: torch.dev
     per segment}, {layer: {module: its group leader}}); modules fed the very same tensor share the leader's."""
     adapter = Adapter(model)
     stats: dict[str, torch.Tensor] = {}
-    leaders: dict[str, dict[str, str]] = {}
+    groups = [InputGroups() for _ in adapter.layers]
     batch = segments.shape[0]
 
     def recorder(index: int):
-        seen: dict[int, tuple[torch.Tensor, str]] = {}  # alive for this one forward, so ids are not reused
-        leaders[str(index)] = {}
-
         def record(name: str, x: torch.Tensor) -> None:
-            hit = seen.get(id(x))
-            if hit is not None and hit[0] is x:
-                leaders[str(index)][name] = hit[1]
-                return
-            seen[id(x)] = (x, name)
-            leaders[str(index)][name] = name
-            flat = x.reshape(batch, -1, x.shape[-1]).float()
-            stats[f"{index}.{name}"] = torch.linalg.vecdot(flat, flat, dim=1).cpu()
+            if groups[index].leads(name, x):
+                flat = x.reshape(batch, -1, x.shape[-1]).float()
+                stats[f"{index}.{name}"] = torch.linalg.vecdot(flat, flat, dim=1).cpu()
 
         return record
-
-    from contextlib import ExitStack
 
     model.to(device)
     with ExitStack() as stack:
         for i, layer in enumerate(adapter.layers):
             stack.enter_context(adapter.observe(layer, recorder(i)))
         model.base_model(input_ids=segments.to(device), use_cache=False)
-    return stats, leaders
+    return stats, {str(i): g.leader for i, g in enumerate(groups)}
 
 
 @dataclass
@@ -111,14 +104,17 @@ class LanguageStatistics:
     computed: int = 0  # blocks forwarded by this object
     loaded: int = 0  # blocks found in the store
     _leaders: dict[str, dict[str, str]] = field(default_factory=dict)
+    _keys: dict[str, str] = field(default_factory=dict)  # language -> digest of what its sample depends on
 
     def _name(self, language: str, block: int) -> str:
-        from mbs.sweep import numeric_environment
+        if language not in self._keys:  # the sample's key reads the corpus files' digests: once per language
+            from mbs.sweep import numeric_environment
 
-        key = json.dumps({"v": VERSION, "block": BLOCK, "weights": self.weights, "device": self.device,
-                          "sample": self.source.key(language), "environment": numeric_environment()},
-                         sort_keys=True, default=str)
-        return f"statistics/{hashlib.sha256(key.encode()).hexdigest()[:24]}/{language}-{block}"
+            key = json.dumps({"v": VERSION, "block": BLOCK, "weights": self.weights, "device": self.device,
+                              "sample": self.source.key(language), "environment": numeric_environment()},
+                             sort_keys=True, default=str)
+            self._keys[language] = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return f"statistics/{self._keys[language]}/{language}-{block}"
 
     def _block(self, language: str, block: int) -> dict[str, torch.Tensor]:
         def compute() -> tuple[dict[str, torch.Tensor], dict]:
@@ -176,8 +172,6 @@ def check_sample(calibration: CalibrationSet, source: SegmentSource) -> None:
 def compress_cached(model: nn.Module, compressor: Compressor, calibration: CalibrationSet,
                     statistics: LanguageStatistics, offload_device: str = "cpu", progress: bool = True):
     """Compress every decoder layer from the mixture's non-sequential statistics (no forward once cached)."""
-    from mbs.compress.engine import CompressionReport, _layer_record, _module_figures, check_modules, module_names
-
     adapter = Adapter(model)
     check_modules(model, compressor)
     report = CompressionReport()

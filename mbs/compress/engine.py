@@ -184,8 +184,7 @@ def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compresso
     """
     linears = adapter.linears(layer)
     stats: dict[str, dict[str, Statistic]] = {}
-    leader: dict[str, str] = {}
-    seen: dict[int, tuple[torch.Tensor, str]] = {}  # holds inputs alive during one forward, so ids are not reused
+    groups = InputGroups()
     # "last": Linear calls in the first forward (0: not known yet; -1: never stop early, the calls vary with routing)
     current = {"language": "", "calls": 0, "last": -1 if adapter.routed(layer) else 0}
     buffers: dict[str, torch.Tensor] = {}  # one fp32 copy of each group's input, reused batch after batch
@@ -201,15 +200,7 @@ def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compresso
 
     def record(name: str, x: torch.Tensor) -> None:
         current["calls"] += 1
-        hit = seen.get(id(x))
-        if hit is not None and hit[0] is x:
-            group = leader.setdefault(name, hit[1])
-            if group != hit[1]:
-                raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
-        else:
-            seen[id(x)] = (x, name)
-            if leader.setdefault(name, name) != name:
-                raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
+        if groups.leads(name, x):
             by_language = stats.setdefault(name, {})
             key = current["language"] if per_language else ALL_LANGUAGES
             if key not in by_language:
@@ -231,8 +222,32 @@ def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compresso
             elif current["last"] > 0 and current["calls"] != current["last"]:
                 raise RuntimeError(f"the layer made {current['calls']} Linear calls in one forward and "
                                    f"{current['last']} in the first; cannot stop its statistics forwards early")
-            seen.clear()
-    return stats, leader
+            groups.next_forward()
+    return stats, groups.leader
+
+
+class InputGroups:
+    """Which Linear maps of a layer read the very same tensor in a forward (q/k/v, gate/up): one group, led by the
+    first one called, whose statistic they share. The inputs of the current forward are held alive so their ids
+    cannot be reused by other tensors; ``next_forward`` lets them go."""
+
+    def __init__(self) -> None:
+        self.leader: dict[str, str] = {}  # module -> its group leader
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def leads(self, name: str, x: torch.Tensor) -> bool:
+        """Record a call of ``name`` on ``x``; True when ``x`` is new in this forward, i.e. ``name`` leads a group."""
+        hit = self._seen.get(id(x))
+        new = hit is None or hit[0] is not x
+        group = name if new else hit[1]
+        if new:
+            self._seen[id(x)] = (x, name)
+        if self.leader.setdefault(name, group) != group:
+            raise RuntimeError(f"{name}: input sharing changed between batches; cannot share statistics")
+        return new
+
+    def next_forward(self) -> None:
+        self._seen.clear()
 
 
 def merged(by_language: dict[str, Statistic], fresh: Callable[[], Statistic]) -> Statistic:
