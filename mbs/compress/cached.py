@@ -5,18 +5,19 @@ Each language's calibration sample is cut into blocks of ``BLOCK`` segments (seg
 mixture asks for: :func:`mbs.data.calibration.language_segments`). A block is forwarded once through the dense model
 (one batch, so its numbers never depend on what else a job needs) with every decoder layer's Linear inputs observed,
 and each segment's statistic is kept apart: for Wanda, Σx² per input channel of every input group (q/k/v share one),
-[BLOCK, width] fp32 per layer and group, ~2.5 MB per block for Gemma 3 270M. A job loads the blocks its counts need
-(computing the missing ones), sums each language's first ``count`` segments in fp64 and compresses every module from
-that mixture's statistic, with no further forward. ``engine.statistics_pool=N`` caps the segments forwarded per
-language: a count above N is covered by the language's first N segments scaled by count/N (the mixture's weights on
-per-language means), so a sweep over any mixtures of L languages forwards at most L·N segments in all.
+[BLOCK, width] fp32 per layer and group, 2.5 MB per block for Gemma 3 270M (measured). A job loads the blocks its
+counts need (computing the missing ones), sums each language's first ``count`` segments in fp64 and compresses every
+module from that mixture's statistic, with no further forward. ``engine.statistics_pool=N`` caps the segments
+forwarded per language: a count above N is covered by the language's first N segments scaled by count/N (the
+mixture's weights on per-language means), so a sweep over any mixtures of L languages forwards at most L·N segments
+in all.
 
-This is the *non-sequential* variant: every layer's statistic comes from dense-model inputs, not from inputs that the
-already-compressed earlier layers produced, as in the sequential engine (the default, and the reference; the sweep
-benchmark reports how far the two are apart per language). Statistics that are sums of per-token vectors (Wanda's;
-magnitude needs none) are supported; Hessians would need width² per segment (6M floats per layer for Gemma 3 270M),
-so SparseGPT and GPTQ refuse this mode. Models that route tokens to experts refuse it too (which tokens an expert
-sees is not separable by segment through the observers).
+This is the *non-sequential* variant: every layer's statistic comes from dense-model inputs, not from inputs that
+the already-compressed earlier layers produced, as in the sequential engine (the default, and the reference; the
+sweep benchmark reports how far the two are apart per language). Statistics that are sums of per-token vectors
+(Wanda's; magnitude needs none) are supported; Hessians would need width² per segment (6M floats per layer for Gemma
+3 270M, by its widths), so SparseGPT and GPTQ refuse this mode. Models that route tokens to experts refuse it too
+(which tokens an expert sees is not separable by segment through the observers).
 """
 from __future__ import annotations
 

