@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from conftest import ARCHS, calibration, tiny
+from transcriptions import Margin
 from mbs.compress.engine import EngineConfig, compress_model
 from mbs.compress import hessian
 from mbs.compress.hessian import DAMP_RETRIES, inner_size, inverse_cholesky, inverse_upper_factor
@@ -95,10 +96,12 @@ def test_sweep_matches_direct_obs_on_one_row(layer_data, mode):
     stat.update(x)
     h = (2 / TOKENS) * (x.double().T @ x.double())
     h += percdamp * h.diagonal().mean() * torch.eye(D_IN, dtype=torch.float64)
+    margin = Margin()  # ours runs in fp32: every mask decision of the fp64 loop must be far from a tie
 
     if mode == "unstructured":  # one block = the whole row: the mask is chosen up front
         scores = torch.stack([obs_score(i, w[0].double(), h) for i in range(D_IN)])
         pruned = set(torch.sort(scores, stable=True).indices[: D_IN // 2].tolist())
+        margin.cut(scores[None, :], D_IN // 2)
 
         def target(i, row, h):
             return 0.0 if i in pruned else row[i].item()
@@ -110,6 +113,7 @@ def test_sweep_matches_direct_obs_on_one_row(layer_data, mode):
         def target(i, row, h):
             if i % 4 == 0:
                 s = torch.stack([obs_score(i + k, row, h) for k in range(4)])
+                margin.cut(s[None, :], 2)
                 chosen.update(i + k for k in torch.sort(s, stable=True).indices[:2].tolist())
             return 0.0 if i in chosen else row[i].item()
 
@@ -119,11 +123,13 @@ def test_sweep_matches_direct_obs_on_one_row(layer_data, mode):
         scale, zero = spec.fit(w.double())
 
         def target(i, row, h):
+            margin.grid(row[i : i + 1], scale[0], zero[0], spec.maxq)
             return spec.quantize(row[i : i + 1], scale[0], zero[0]).item()
 
         compressor = GPTQ(bits=4, percdamp=percdamp, blocksize=D_IN)
 
     expected = direct_obs(w[0], h, target)
+    assert margin.value > 1e-4, f"a mask decision lies {margin.value:.1e} (relative) from its tie: not a valid case"
     got = compressed(compressor, w, x)[0].double()
     if mode != "quantize":
         assert torch.equal(got == 0, expected == 0)
