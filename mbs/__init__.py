@@ -17,6 +17,7 @@ _EXPORTS = {
     # the calls (mbs/api.py; mbs/pipeline.py runs the same ones)
     "compose": "mbs.api", "configure": "mbs.api", "load": "mbs.api", "calibration_mixture": "mbs.api",
     "evaluation_windows": "mbs.api", "compress_model": "mbs.api", "perplexity": "mbs.api", "export": "mbs.api",
+    "window_bytes": "mbs.api",
     "load_exported": "mbs.record.export",
     # compressors (their fields are the conf/compressor options)
     "Wanda": "mbs.compress.pruning", "Magnitude": "mbs.compress.pruning", "Dense": "mbs.compress.pruning",

@@ -2,7 +2,7 @@
 ``python run.py`` compute the same thing. Everything is re-exported lazily by ``import mbs``."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from mbs.compress import engine
 from mbs.compress.engine import CompressionReport, EngineConfig, StatisticsObserver
 from mbs.data.cache import TokenCache
 from mbs.data.calibration import CalibrationSet, build_calibration, build_eval_windows
+from mbs.data.calibration import window_bytes  # noqa: F401 - mbs.window_bytes, for perplexity(window_bytes=)
 from mbs.data.corpora import Corpus
 from mbs.data.sampling import ProportionalSampler, Sampler
 from mbs.evaluate.perplexity import LanguageLoss, evaluate_languages
@@ -80,9 +81,13 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
 
 
 def perplexity(model: nn.Module, windows: dict[str, list[torch.Tensor]], *, device: str = "cpu", batch_size: int = 8,
-               chunk_tokens: int = 256, progress: bool = False) -> dict[str, LanguageLoss]:
-    """Per-language loss (``.perplexity``, ``.nll``, ``.tokens``) over ``windows`` (:func:`evaluation_windows`)."""
-    return evaluate_languages(model, windows, device, batch_size, chunk_tokens, progress=progress)
+               chunk_tokens: int = 256, progress: bool = False,
+               window_bytes: Mapping[str, Sequence[int]] | None = None) -> dict[str, LanguageLoss]:
+    """Per-language loss (``.perplexity``, ``.nll``, ``.tokens``) over ``windows`` (:func:`evaluation_windows`);
+    with ``window_bytes=mbs.window_bytes(tokenizer, windows, prepend_bos)`` also ``.bytes`` and ``.bpb`` (bits per
+    byte)."""
+    return evaluate_languages(model, windows, device, batch_size, chunk_tokens, progress=progress,
+                              window_bytes=window_bytes)
 
 
 def export(model: nn.Module, directory: str | Path, compressor: Compressor | None = None, tokenizer: Any = None,

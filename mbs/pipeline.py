@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mbs.analyze import similarity
-from mbs.api import calibration_mixture, compress_model, evaluation_windows, export, perplexity
+from mbs.api import calibration_mixture, compress_model, evaluation_windows, export, perplexity, window_bytes
 from mbs.compress import engine as engine_module
 from mbs.compress import statistics as statistics_module
 from mbs.compress.cached import LanguageStatistics, check_cached, compress_cached
@@ -28,7 +28,7 @@ from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares
 from mbs.evaluate import perplexity as perplexity_module
 from mbs.evaluate.baseline import DenseResults, source_fingerprint, tokens_fingerprint, weights_fingerprint
-from mbs.evaluate.perplexity import LanguageLoss
+from mbs.evaluate.perplexity import LanguageLoss, language_bytes
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
 from mbs.evaluate.zeroshot import to_markdown as zeroshot_markdown
 from mbs.models import adapter as adapter_module
@@ -37,7 +37,7 @@ from mbs.models.loading import load_model, load_tokenizer, model_cache, model_sk
 from mbs.record.export import check_export
 from mbs.record.identity import identity
 from mbs.record.results import format_share, language_rows, summary, to_markdown, write_results
-from mbs.sweep import experiment_id
+from mbs.sweep import experiment_id, numeric_environment
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class Prepared:
     identity: dict[str, Any] = field(default_factory=dict)  # name, chosen group options, schemas (mbs/record/identity.py)
     zeroshot: ZeroShot | None = None  # eval.tasks, checked against the harness's task registry
     source: SegmentSource | None = None  # any number of each language's calibration segments (engine.mode=cached)
+    window_bytes: dict[str, list[int]] = field(default_factory=dict)  # per language and window: bytes predicted
+    similarity_skipped: str | None = None  # why analysis.layers asked for a similarity that cannot be formed
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -113,6 +115,12 @@ def prepare(cfg: DictConfig) -> Prepared:
         skeleton = model_skeleton(spec)
         check_modules(skeleton, run.compressor)  # layer shapes vs. the compressor, no weights loaded
         analysis_layers = similarity.resolve_layers(run.analysis.layers, len(Adapter(skeleton).layers))
+        similarity_skipped = None
+        if analysis_layers:
+            similarity_skipped = similarity.centring_problem(run.analysis.statistic, list(run.eval.languages))
+            if similarity_skipped:
+                log.warning("language similarity SKIPPED: %s", similarity_skipped)
+                analysis_layers = []
         if run.save_model:
             check_export(run.save_format, run.compressor, layer_modules(skeleton))
         if run.engine.mode == "cached":
@@ -127,6 +135,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         windows = evaluation_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, seqlen=spec.seqlen,
                                      prepend_bos=spec.prepend_bos, max_windows=run.eval.max_windows or None,
                                      cache=cache)
+        nbytes = window_bytes(tokenizer, windows, spec.prepend_bos)
         probe = None
         if analysis_layers:
             languages = similarity.probe_languages(run.eval.languages, counts, run.data.languages())
@@ -137,7 +146,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)
     source = SegmentSource(tokenizer, run.data, spec.seqlen, run.seed, spec.prepend_bos, cache)
     return Prepared(run, counts, tokenizer, calibration, windows, probe, analysis_layers,
-                    {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, source)
+                    {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, source, nbytes, similarity_skipped)
 
 
 def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, Any]:
@@ -151,13 +160,14 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
 
     def evaluate() -> dict:
         return perplexity(model, windows, device=run.engine.device, batch_size=run.eval.batch_size,
-                          chunk_tokens=run.eval.chunk_tokens, progress=run.progress)
+                          chunk_tokens=run.eval.chunk_tokens, progress=run.progress,
+                          window_bytes=prepared.window_bytes)
 
     t0 = time.perf_counter()
     dense_results = DenseResults(model_cache(spec), weights_fingerprint(model), force=run.force)
     timings["fingerprint_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dense, baseline = dense_perplexity(dense_results, evaluate, model, windows, run)
+    dense, baseline = dense_perplexity(dense_results, evaluate, model, windows, run, prepared.window_bytes)
     timings["eval_dense_s"] = time.perf_counter() - t0
     zeroshot = prepared.zeroshot
     if zeroshot:
@@ -171,7 +181,8 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
         t0 = time.perf_counter()
         vectors, baseline["similarity"] = dense_similarity(dense_results, model, prepared, run)
         language_similarity = similarity.similarity_record(vectors, list(run.analysis.layers), prepared.counts,
-                                                           prepared.probe, run.analysis, run.data.name)
+                                                           prepared.probe, run.analysis, run.data.name,
+                                                           list(run.eval.languages))
         timings["similarity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -215,10 +226,13 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
                         **({"statistics_blocks": {"loaded": statistics.loaded, "computed": statistics.computed}}
                            if statistics else {})},
         "similarity": language_similarity,
+        **({"similarity_skipped": prepared.similarity_skipped} if prepared.similarity_skipped else {}),
         "dense_baseline": baseline,  # cached or computed, and the cache entries
         "timings": timings,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": run.engine.device,
-                        "threads": torch.get_num_threads()},
+        # what can change the numbers outside the config (mbs.sweep.numeric_environment: threads, versions, CPU
+        # model and float-kernel flags, BLAS, oneDNN; the GPU on cuda), with the Python version and device
+        "environment": {**numeric_environment(run.engine.device), "python": platform.python_version(),
+                        "device": run.engine.device},
     }
     if zeroshot:
         results["zeroshot"] = {"harness": harness_version(), "tasks": zeroshot.tasks,
@@ -232,28 +246,31 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, 
 
 
 def dense_perplexity(dense_results: DenseResults, evaluate: Callable[[], dict[str, LanguageLoss]], model: nn.Module,
-                     windows: dict[str, list[torch.Tensor]], run: Run) -> tuple[dict[str, LanguageLoss], dict]:
+                     windows: dict[str, list[torch.Tensor]], run: Run,
+                     window_bytes: dict[str, list[int]] | None = None) -> tuple[dict[str, LanguageLoss], dict]:
     """The dense per-language perplexity, from the cache when this model's weights were evaluated on these very
-    windows with these settings and code before."""
+    windows with these settings and code before. The cache holds the NLL and token count; the bytes (for bits per
+    byte) are the windows' own, ``window_bytes``, taken afresh in every run since they depend on the text only."""
     key = {"windows": tokens_fingerprint(windows), "dtype": str(next(model.parameters()).dtype),
            "device": run.engine.device, "batch_size": run.eval.batch_size, "chunk_tokens": run.eval.chunk_tokens,
            "code": source_fingerprint(perplexity_module, adapter_module)}
     value, source, entry = dense_results.get(
         "perplexity", key, lambda: {k: [v.nll, v.tokens] for k, v in evaluate().items()})
     log.info("dense perplexity: %s (%s)", source, entry)
-    return {k: LanguageLoss(nll, tokens) for k, (nll, tokens) in value.items()}, {"perplexity": source,
-                                                                                 "perplexity_entry": entry}
+    return ({k: LanguageLoss(nll, tokens, language_bytes(window_bytes, k, windows[k]))
+             for k, (nll, tokens) in value.items()}, {"perplexity": source, "perplexity_entry": entry})
 
 
 def dense_similarity(dense_results: DenseResults, model: nn.Module, prepared: Prepared, run: Run
                      ) -> tuple[dict[int, dict[str, torch.Tensor]], str]:
     """The similarity probe's activation vectors of the dense model, from the cache when computed before."""
+    kind = similarity.STATISTICS[run.analysis.statistic].source
     key = {"probe": tokens_fingerprint(prepared.probe.segments), "layers": prepared.analysis_layers,
-           "device": run.engine.device, "batch_size": run.engine.batch_size,
+           "source": kind, "device": run.engine.device, "batch_size": run.engine.batch_size,
            "code": source_fingerprint(similarity, engine_module, statistics_module, adapter_module)}
 
     def compute() -> dict:
-        vectors = similarity.language_vectors(model, prepared.probe, prepared.analysis_layers, run.engine)
+        vectors = similarity.language_vectors(model, prepared.probe, prepared.analysis_layers, run.engine, kind)
         return {str(i): {k: v.tolist() for k, v in by_language.items()} for i, by_language in vectors.items()}
 
     value, source, _ = dense_results.get("similarity", key, compute)

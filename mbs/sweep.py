@@ -7,6 +7,7 @@ fixed ``hydra.sweep.dir`` (multirun/<name>), so running the same command again r
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -60,15 +61,68 @@ def experiment_id(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def numeric_environment() -> dict[str, Any]:
+def numeric_environment(device: str | None = None) -> dict[str, Any]:
     """What can change the numbers outside the config: kernels and model code differ between torch and transformers
     versions, and CPU reductions may be split differently across threads (issue 11 saw bn dense perplexity 80.15 vs
     81.16 with 1 vs 2 threads; a dense default run on this version was bit-identical with 1 and 2 threads, so the
-    thread count is here as a precaution)."""
+    thread count is here as a precaution). The CPU model, its float-kernel flags (AVX2, AVX-512, AMX, FMA, ...),
+    the vector kernels torch dispatches to (``cpu_capability``), the BLAS/LAPACK torch was built with and whether
+    MKL and oneDNN are available pick the kernels, so the same job on another CPU gives other last digits.
+    ``OMP_NUM_THREADS`` is as set (None: unset). With ``device`` a cuda device (a run's ``engine.device``), also
+    the GPU's name and the CUDA and cuDNN versions.
+
+    Hashed into experiment ids and cache keys (:func:`experiment_id`, :mod:`mbs.evaluate.baseline`,
+    :mod:`mbs.compress.cached`), so it holds nothing that changes between two runs on one machine (no clock speed,
+    time or process id); the machine's part is read once per process."""
+    import os
+
+    import torch
+
+    environment = {**_machine_environment(), "threads": torch.get_num_threads(),
+                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        environment.update({"cuda_device": torch.cuda.get_device_name(torch.device(device)),
+                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()})
+    return environment
+
+
+# the CPU features that select float kernels (x86; ARM: NEON/ASIMD, SVE, BF16), as /proc/cpuinfo names them
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "asimd", "sve", "sve2", "bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_environment() -> dict[str, Any]:
+    """The part of :func:`numeric_environment` that is fixed for a process: versions, CPU, torch's build."""
+    import platform
+    import re
+
     import torch
     import transformers
 
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "hardware", "cpu model") and not model:  # x86; some ARM and MIPS kernels
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:  # x86; ARM
+                    flags = set(value.split())
+    except OSError:  # not Linux, or no /proc
+        pass
+    config = torch.__config__.show()
+
+    def build(name: str) -> str | None:
+        found = re.search(rf"\b{name}=([^,\s]+)", config)
+        return found.group(1) if found else None
+
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": model or platform.processor() or platform.machine(), "machine": platform.machine(),
+            "cpu_flags": sorted(flags & set(KERNEL_FLAGS)), "cpu_capability": capability,
+            "blas": build("BLAS_INFO"), "lapack": build("LAPACK_INFO"),
+            "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available()}
 
 
 def local_inputs(config: dict[str, Any]) -> dict[str, Any]:

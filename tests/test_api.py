@@ -24,6 +24,7 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code.replace('"model=bloom-560m"', TINY), "README.md", "exec"), namespace)
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out[:3]] == ["en", "sw", "yo"]
+    assert all(float(line.split()[4]) > 0 for line in out[:3])  # bits per byte, compressed
     assert int(out[3]) == sum(p.stat().st_size for p in (tmp_path / "bloom-560m-w4g128").rglob("*") if p.is_file())
     dataset, mixture = namespace["dataset"], namespace["mixture"]
     assert len(dataset) == mixture.total == 16 and set(dataset.column_names) == {"input_ids", "attention_mask",

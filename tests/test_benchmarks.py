@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
     ("evaluation.py", ["--languages", "en,sw"], ["en", "sw", "speed-up"]),
     ("sweep.py", ["--mixtures", "english,hi only", "--pool", "8"],
      ["cached mode, statistics_pool=8 vs the sequential engine", "tables identical: True"]),
+    ("similarity_separability.py", ["--windows", "2"], ["per statistic", "log_mean_square_centred"]),
 ])
 def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], cwd=ROOT,

@@ -40,3 +40,69 @@ def test_windows_cap_and_short_tail():
     assert [w.tolist() for w in eval_windows(stream, 4, [])] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert len(eval_windows(stream, 4, [], max_windows=2)) == 2
     assert [w.tolist() for w in eval_windows(torch.arange(5), 4, [])] == [[0, 1, 2, 3]]  # a 1-token tail predicts nothing
+
+
+def byte_fallback_tokenizer():
+    """A SentencePiece-style tokenizer as Gemma, Llama 2 and Mixtral have: '▁' for spaces (prepended to the text),
+    characters outside the vocabulary as <0xNN> byte tokens, a decoder that drops the leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mbs.data.corpora import UDHRCorpus
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<bos>", "<eos>"]
+                                  + [f"<0x{i:02X}>" for i in range(256)], limit_alphabet=60, show_progress=False)
+    tok.train_from_iterator([t for code in ("en", "sw", "fr") for t in UDHRCorpus().texts(code, "calibration")],
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "byte-fallback"])
+@pytest.mark.parametrize("bos", [True, False])
+def test_window_bytes_add_up_to_the_text(tokenizer, kind, bos):
+    """Windows of 16 tokens cut characters between byte tokens often (Chinese and Hindi are mostly byte tokens in
+    both 512-600-entry vocabularies); the predicted tokens' bytes still add up to the text's UTF-8 bytes exactly,
+    less each window's first token without <bos> (context, not predicted). The Metaspace tokenizer adds one space
+    in front of the text."""
+    from mbs.data.calibration import decoded_window_bytes, token_bytes, token_stream, window_bytes
+    from mbs.data.corpora import UDHRCorpus
+
+    tok = tokenizer if kind == "byte-level" else byte_fallback_tokenizer()
+    table = token_bytes(tok)
+    assert table is not None
+    for language in ("en", "zh-Hans", "hi", "ar"):
+        texts = UDHRCorpus().texts(language, "evaluation")
+        text_bytes = len("\n\n".join(texts).encode("utf-8"))
+        stream = token_stream(tok, texts)
+        windows = eval_windows(stream, 16, [tok.bos_token_id] if bos else [])
+        counts = window_bytes(tok, {language: windows}, bos)[language]
+        assert len(counts) == len(windows) and min(counts) > 0
+        context = 0 if bos else sum(int(table[w[0]]) for w in windows)
+        assert sum(counts) + context == text_bytes + (kind == "byte-fallback"), language
+        assert int(table[stream].sum()) == text_bytes + (kind == "byte-fallback")
+        if kind == "byte-level":  # decoding (a tokenizer token_bytes cannot read): within a few bytes per window
+            decoded = decoded_window_bytes(tok, {language: windows}, bos)[language]
+            assert abs(sum(decoded) - sum(counts)) <= 4 * len(windows), language
+
+
+def test_bits_per_byte_is_nll_over_ln2_bytes(tokenizer):
+    from mbs.data.calibration import build_eval_windows, window_bytes
+    from mbs.data.corpora import UDHRCorpus
+    from mbs.evaluate.perplexity import LanguageLoss
+
+    windows = build_eval_windows(tokenizer, UDHRCorpus(), ["en", "zh-Hans"], 32, True, max_windows=3)
+    counts = window_bytes(tokenizer, windows, True)
+    model = tiny("llama")
+    plain = evaluate_languages(model, windows, "cpu", progress=False)
+    result = evaluate_languages(model, windows, "cpu", progress=False, window_bytes=counts)
+    for language, loss in result.items():
+        assert loss.nll == plain[language].nll and plain[language].bytes is None and plain[language].bpb is None
+        assert loss.bytes == sum(counts[language]) > loss.tokens
+        assert loss.bpb == pytest.approx(loss.nll / (math.log(2) * loss.bytes), rel=1e-12)
+    assert LanguageLoss(nll=2 * math.log(2), tokens=1, bytes=2).bpb == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="2 byte counts for 3 windows"):
+        evaluate_languages(model, windows, "cpu", progress=False, window_bytes={"en": [1, 2]})

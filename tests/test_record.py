@@ -126,3 +126,27 @@ def test_help_lists_no_schemas():
     groups = proc.stdout.split("== Config ==")[0]
     assert proc.returncode == 0 and "compressor: dense, gptq, magnitude, rtn, sparsegpt, wanda" in groups
     assert "_schema" not in groups
+
+
+def test_rows_tables_and_csv_carry_bits_per_byte():
+    from mbs.evaluate.perplexity import LanguageLoss
+    from mbs.record.results import COLUMNS, language_rows, to_csv
+
+    dense = {"en": LanguageLoss(700.0, 100, 400), "zh-Hans": LanguageLoss(900.0, 100, 250)}
+    compressed = {"en": LanguageLoss(770.0, 100, 400), "zh-Hans": LanguageLoss(990.0, 100, 250)}
+    rows_ = language_rows(dense, compressed, {"en": 0.5, "zh-Hans": 0.2})
+    for r, d, c in zip(rows_, dense.values(), compressed.values()):
+        assert r["bytes"] == d.bytes and r["tokens"] == d.tokens
+        assert r["dense_bpb"] == pytest.approx(d.nll / (math.log(2) * d.bytes))
+        assert r["compressed_bpb"] == pytest.approx(c.nll / (math.log(2) * d.bytes))
+        # per byte, the two languages' losses differ from per token by their tokens per byte
+        per_byte = r["log_ratio"] * r["tokens"] / (math.log(2) * r["bytes"])
+        assert r["compressed_bpb"] - r["dense_bpb"] == pytest.approx(per_byte)
+    table = to_markdown(rows_)
+    assert "| dense bpb | compressed bpb | tokens | bytes |" in table.splitlines()[0]
+    assert f"| {rows_[0]['dense_bpb']:.4f} | {rows_[0]['compressed_bpb']:.4f} | 100 | 400 |" in table
+    header, first = to_csv(rows_).splitlines()[:2]
+    assert header.split(",") == list(COLUMNS) and first.split(",")[COLUMNS.index("bytes")] == "400"
+    old = rows({"en": 0.5})  # results.json written before bytes were recorded
+    assert "| 1.221 | 0.200 | – | – | 7 | – |" in to_markdown(old)
+    assert to_csv(old).splitlines()[1].endswith(",,,7,")

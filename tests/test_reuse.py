@@ -20,7 +20,7 @@ from mbs.models.adapter import Adapter
 from mbs.pipeline import run
 
 TINY = ("model=tiny-llama", "logger=none", "progress=false", "sampler.segments=12", "eval.languages=[en,sw]",
-        "analysis.layers=[0]", "analysis.segments=1")
+        "analysis.layers=[0]", "analysis.segments=1", "analysis.statistic=mean_square")  # (centred ones need 3)
 
 
 def run_in(tmp_path, name, *overrides):
@@ -34,6 +34,9 @@ def test_cached_dense_baseline_equals_a_fresh_evaluation_bit_for_bit(tmp_path, m
     assert first["dense_baseline"]["perplexity"] == "computed" and first["dense_baseline"]["similarity"] == "computed"
     assert second["dense_baseline"]["perplexity"] == "cached" and second["dense_baseline"]["similarity"] == "cached"
     assert [r["dense_ppl"] for r in first["languages"]] == [r["dense_ppl"] for r in second["languages"]]
+    for key in ("bytes", "dense_bpb"):  # the cache holds NLL and tokens; the bytes are the windows' own
+        assert [r[key] for r in first["languages"]] == [r[key] for r in second["languages"]]
+        assert all(r[key] for r in second["languages"])
     assert first["similarity"]["layers"]["0"]["matrix"] == second["similarity"]["layers"]["0"]["matrix"]
     # and both equal a fresh evaluation of the same weights on the same windows, not just each other
     prepared = mbs.pipeline.prepare(mbs.compose(*TINY))
@@ -41,6 +44,7 @@ def test_cached_dense_baseline_equals_a_fresh_evaluation_bit_for_bit(tmp_path, m
     fresh = mbs.perplexity(model, prepared.windows, batch_size=prepared.run.eval.batch_size,
                            chunk_tokens=prepared.run.eval.chunk_tokens)
     assert [r["dense_ppl"] for r in second["languages"]] == [fresh[k].perplexity for k in ("en", "sw")]
+    assert [r["bytes"] for r in second["languages"]] == [sum(prepared.window_bytes[k]) for k in ("en", "sw")]
     assert json.loads((tmp_path / "b" / "results.json").read_text())["dense_baseline"]["perplexity"] == "cached"
 
 

@@ -19,7 +19,7 @@ from mbs.sweep import experiment_id, find_results
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = ["model=tiny-llama", "logger=none", "sampler.segments=8", "eval.languages=[en,sw]", "eval.max_windows=2",
-        "progress=false"]
+        "progress=false", "analysis.statistic=mean_square"]
 
 
 def composed(*overrides):
@@ -83,6 +83,40 @@ def test_experiment_id_covers_threads_and_local_file_contents(tmp_path):
     after = experiment_id(composed(*local))
     assert after != before and find_results(tmp_path / "sweep", after) is None
     assert experiment_id(composed(*local, "hydra.job.name=x")) == after  # stable otherwise
+
+
+def test_numeric_environment_names_the_machine_and_is_stable(monkeypatch):
+    """The CPU and its float kernels are in the environment (and so in experiment ids and cache keys), nothing that
+    changes between two runs on one machine is; a machine without /proc/cpuinfo still gets one."""
+    import builtins
+    import platform
+
+    from mbs.sweep import _machine_environment, numeric_environment
+
+    first = numeric_environment()
+    assert set(first) >= {"threads", "torch", "transformers", "cpu", "machine", "cpu_flags", "cpu_capability", "blas",
+                          "lapack", "mkl", "mkldnn", "omp_num_threads"}
+    assert first["cpu"] and first["threads"] == torch.get_num_threads()
+    assert set(first["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "asimd", "sve",
+                                       "sve2", "bf16"}
+    assert first["omp_num_threads"] == os.environ.get("OMP_NUM_THREADS")
+    assert numeric_environment() == first and json.dumps(first, sort_keys=True) == json.dumps(numeric_environment(),
+                                                                                                sort_keys=True)
+    assert numeric_environment("cpu") == first  # only a cuda device adds the GPU
+    assert experiment_id(composed(*TINY)) == experiment_id(composed(*TINY))
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    elsewhere = _machine_environment.__wrapped__()
+    assert elsewhere["cpu"] == (platform.processor() or platform.machine()) and elsewhere["cpu_flags"] == []
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert numeric_environment()["omp_num_threads"] == "3"
 
 
 def write(path: Path, data: bytes) -> Path:

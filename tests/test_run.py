@@ -1,5 +1,6 @@
 """`python run.py` end to end on tiny models, as a user runs it."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,14 +39,21 @@ def test_run_end_to_end(tmp_path, arch, compressor):
         assert row["ratio"] == pytest.approx(row["compressed_ppl"] / row["dense_ppl"])
         if compressor == "dense":
             assert row["ratio"] == 1.0
+        # bits per byte: NLL / (ln 2 · bytes of the predicted text), so the two differ by log ratio · tokens per byte
+        assert row["bytes"] > row["tokens"] and row["dense_bpb"] > 0  # the 512-token tiny BPE: > 1 byte per token
+        per_byte = row["tokens"] / (math.log(2) * row["bytes"])
+        assert row["dense_bpb"] == pytest.approx(math.log(row["dense_ppl"]) * per_byte)
+        assert row["compressed_bpb"] - row["dense_bpb"] == pytest.approx(row["log_ratio"] * per_byte, abs=1e-12)
+    assert {"cpu", "cpu_flags", "blas", "mkldnn", "threads", "torch", "device"} <= set(results["environment"])
     assert (tmp_path / "results.csv").read_text().startswith("language,training_share_pct,dense_ppl")
+    assert "dense_bpb,compressed_bpb,tokens,bytes" in (tmp_path / "results.csv").read_text().splitlines()[0]
     assert "| en |" in (tmp_path / "results.md").read_text()
-    assert "| en |" in proc.stdout  # the table is printed at the end
+    assert "| en |" in proc.stdout and "| dense bpb |" in proc.stdout  # the table is printed at the end
 
 
 def test_wandb_offline_run_holds_the_language_table(tmp_path):
     run_py(tmp_path, "model=tiny-llama", "logger=wandb", "logger.mode=offline", "sampler.segments=20",
-           "eval.languages=[en,sw]")
+           "eval.languages=[en,sw]", "analysis.statistic=mean_square")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = list(runs[0].glob("*.wandb"))
@@ -58,6 +66,8 @@ def test_wandb_offline_run_holds_the_language_table(tmp_path):
 def test_bad_input_is_one_line_and_leaves_results_alone(tmp_path):
     run_py(tmp_path, "model=tiny-llama", "logger=none", "sampler.segments=20", "eval.languages=[en,sw]")
     before = (tmp_path / "results.json").read_bytes()
+    results = json.loads(before)  # two languages: the default (centred) similarity is skipped, and says why
+    assert results["similarity"] is None and "needs at least 3" in results["similarity_skipped"]
     proc = run_py(tmp_path, "model=tiny-llama", "logger=none", "eval.languages=[en,xx]", check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -274,3 +274,19 @@ def test_seeds_become_mean_and_t_interval():
     md = markdown(agg, condition_summary(frame(jobs), 0.5), 0.5)
     assert f"{sum(ppls) / 3:.2f} ± {half:.2f}" in md and "| en | 90 |" in md
     assert "training share < 50%" in md and "13.00 (×1.300)" in md
+
+
+def test_report_frame_has_bits_per_byte_and_nan_for_older_results():
+    import math
+
+    from mbs.record.report import frame
+    from mbs.sweep import Job
+
+    row = {"language": "en", "training_share": 0.9, "dense_ppl": 10.0, "compressed_ppl": 12.0, "ratio": 1.2,
+           "log_ratio": math.log(1.2), "tokens": 5}
+    new = {"experiment_id": "new", "config": {"seed": 0}, "compression": {"sparsity": 0.5},
+           "languages": [{**row, "bytes": 20, "dense_bpb": 0.9, "compressed_bpb": 1.1}]}
+    old = {"experiment_id": "old", "config": {"seed": 1}, "compression": {"sparsity": 0.5}, "languages": [row]}
+    df = frame([Job(["seed=0"], "done", results=new), Job(["seed=1"], "done", results=old)])
+    assert list(df["dense_bpb"][:1]) == [0.9] and list(df["compressed_bpb"][:1]) == [1.1]
+    assert math.isnan(df["dense_bpb"][1]) and math.isnan(df["compressed_bpb"][1])

@@ -1,19 +1,25 @@
-"""Language similarity from the engine's own per-language statistics.
+"""Language similarity from per-language activation vectors of the dense model.
 
-A language's *activation vector* at decoder layer i is the per-channel mean of x² over its text, where x is the input
-of the layer's first Linear group in call order: the tensor q/k/v (BLOOM: query_key_value) read, i.e. the output of
-the layer's input layernorm. It is exactly the Wanda statistic (ColumnSquares) the engine collects for that group;
-the layer-0 case is the paper's "input of the first decoder layer" after the layer's own norm (normed per token,
-so a few tokens with huge residual-stream norms, such as <bos>, cannot dominate the mean).
+A language's *activation vector* at decoder layer i comes from one of two sources (``analysis.statistic``):
+- ``linear``: the per-channel mean of x² over its text, where x is the input of the layer's first Linear group in call
+  order (q/k/v; BLOOM: query_key_value), i.e. the output of the layer's input norm. It is exactly the Wanda statistic
+  (ColumnSquares) the engine collects for that group, from one extra pass of the engine itself with a
+  statistics-only probe in place of a compressor.
+- ``residual``: the per-channel mean of the residual stream entering decoder layer i (the hidden state before the
+  layer's norm; at layer 0 the embedding output), the MBS paper's "input of the first decoder layer", from the
+  model's own forward (``output_hidden_states``). The first position of every segment is left out: its residual
+  norm (BOS, or the first token, an attention sink) is orders of magnitude above the rest and would dominate a mean.
+Uncentred vectors share a large common component (every language's mean x² is dominated by the same channels), so
+their cosines are all close to 1; the centred statistics subtract the mean vector of the evaluated languages (after
+the log, for ``log_`` ones) so that what is compared is how a language differs from the others.
 
-The vectors come from one extra pass of the engine itself (capture, per-language ``collect_statistics`` through its
-observer, ``run_layer``) with a statistics-only probe in place of a compressor, over the *dense* model and a small
-fixed probe set: ``analysis.segments`` calibration-split segments of every evaluated and calibration language, cut
-with ``analysis.seed``. So every job of a sweep gets the same vector for a language (whatever its calibration
-mixture, compressor or seed), also for languages it does not calibrate on, and layers past 0 are not shaped by the
-job's own compression. A run's *calibration-mixture vector* is the segment-count-weighted average of its calibration
-languages' vectors (what the mean of x² over the calibration set would be if each language's text looked like its
-probe); every language's similarity to the mixture is the cosine with it.
+The probe is the dense model and a small fixed probe set: ``analysis.segments`` calibration-split segments of every
+evaluated and calibration language, cut with ``analysis.seed``. So every job of a sweep gets the same vector for a
+language (whatever its calibration mixture, compressor or seed), also for languages it does not calibrate on, and
+layers past 0 are not shaped by the job's own compression. A run's *calibration-mixture vector* is the segment-count
+weighted average of its calibration languages' raw vectors (what the statistic over the calibration set would be if
+each language's text looked like its probe), transformed like the languages' vectors; every language's similarity
+to the mixture is the cosine with it.
 """
 from __future__ import annotations
 
@@ -36,8 +42,43 @@ from mbs.data.calibration import CalibrationSet, build_calibration
 
 log = logging.getLogger(__name__)
 
-STATISTIC = ("per-channel mean of x^2 over a language's probe tokens, x = the input of the decoder layer's first "
-             "Linear group (q/k/v: the input-layernorm output), dense model")
+@dataclass(frozen=True)
+class Statistic:
+    """How a language's activation vector is formed: from which tensor, and how vectors are compared."""
+
+    source: str  # "linear" (mean x² of the first Linear group's input) or "residual" (mean of the layer input)
+    log: bool  # compare log vectors (mean squares only)
+    centred: bool  # subtract the evaluated languages' mean vector
+    description: str
+
+
+STATISTICS = {
+    "mean_square": Statistic("linear", False, False, "per-channel mean of x^2, x = the input of the decoder layer's "
+                             "first Linear group (q/k/v: the input-norm output), dense model"),
+    "mean_square_centred": Statistic("linear", False, True, "per-channel mean of x^2 at the q/k/v input (after the "
+                                     "layer's input norm), minus the evaluated languages' mean vector, dense model"),
+    "log_mean_square_centred": Statistic("linear", True, True, "log of the per-channel mean of x^2 at the q/k/v input "
+                                         "(after the layer's input norm), minus the evaluated languages' mean of "
+                                         "those logs, dense model"),
+    "residual_mean": Statistic("residual", False, False, "per-channel mean of the residual stream entering the "
+                               "decoder layer (before its norm; the MBS paper's definition at layer 0), first "
+                               "position of each segment left out, dense model"),
+    "residual_mean_centred": Statistic("residual", False, True, "per-channel mean of the residual stream entering "
+                                       "the decoder layer (before its norm), first position left out, minus the "
+                                       "evaluated languages' mean vector, dense model"),
+}
+DEFAULT_STATISTIC = "log_mean_square_centred"  # the best separating statistic on the default (README, measured)
+LEGACY_STATISTIC = "mean_square"  # what results.json files from before analysis.statistic used
+MIN_CENTRED_LANGUAGES = 3  # centring on two languages makes their vectors opposite: every cosine is ±1
+
+
+def centring_problem(statistic: str, evaluated: list[str]) -> str | None:
+    """Why a centred statistic cannot be formed here (too few evaluated languages to centre on), or None."""
+    if STATISTICS[statistic].centred and len(evaluated) < MIN_CENTRED_LANGUAGES:
+        return (f"analysis.statistic={statistic} centres on the evaluated languages and needs at least "
+                f"{MIN_CENTRED_LANGUAGES}; eval.languages has {len(evaluated)} ({', '.join(evaluated)}): set "
+                "analysis.statistic=mean_square or residual_mean for a similarity over fewer languages")
+    return None
 
 
 @dataclass
@@ -47,8 +88,11 @@ class AnalysisConfig:
     layers: list[int] = field(default_factory=lambda: [0, -1])  # negative: from the end; [] turns similarity off
     segments: int = 4  # probe segments (model.seqlen tokens each) per language, from the calibration split
     seed: int = 0  # the probe's own seed: the same probe in every job, whatever the run's seed
+    statistic: str = DEFAULT_STATISTIC  # how a language's vector is formed (STATISTICS)
 
     def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"analysis.statistic={self.statistic!r} is not known; allowed: {', '.join(STATISTICS)}")
         if self.segments < 1:
             raise ValueError(f"analysis.segments={self.segments} must be >= 1 (analysis.layers=[] turns the "
                              "similarity analysis off)")
@@ -100,9 +144,12 @@ class SimilarityProbe(Compressor):
         return {}
 
 
-def language_vectors(model: nn.Module, probe: CalibrationSet, layers: list[int],
-                     engine: EngineConfig) -> dict[int, dict[str, torch.Tensor]]:
-    """{layer: {language: mean x² per channel}} (fp32) from the engine's observer, for absolute layer indices."""
+def language_vectors(model: nn.Module, probe: CalibrationSet, layers: list[int], engine: EngineConfig,
+                     source: str = "linear") -> dict[int, dict[str, torch.Tensor]]:
+    """{layer: {language: raw vector}} (fp32) for absolute layer indices, from ``source`` (see the module docstring):
+    the engine's observer ("linear") or the model's own forward ("residual")."""
+    if source == "residual":
+        return residual_vectors(model, probe, layers, engine)
     wanted = set(layers)
     vectors: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -113,6 +160,45 @@ def language_vectors(model: nn.Module, probe: CalibrationSet, layers: list[int],
     compress_model(model, SimilarityProbe(), probe, dataclasses.replace(engine, per_language_statistics=True),
                    observer=observer, progress=False)
     return {i: vectors[i] for i in layers}
+
+
+@torch.no_grad()
+def residual_vectors(model: nn.Module, probe: CalibrationSet, layers: list[int], engine: EngineConfig
+                     ) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-channel mean of the hidden state entering each decoder layer (``hidden_states[i]`` of the base model's
+    forward), summed in fp64 over every position but the first of each segment."""
+    device = torch.device(engine.device)
+    model.to(device)
+    try:
+        sums: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
+        tokens: dict[str, int] = {}
+        for language, batch in probe.batches(engine.batch_size):
+            states = model.base_model(input_ids=batch.to(device), use_cache=False,
+                                      output_hidden_states=True).hidden_states
+            for i in layers:
+                part = states[i][:, 1:].double().sum(dim=(0, 1)).cpu()
+                sums[i][language] = sums[i][language] + part if language in sums[i] else part
+            tokens[language] = tokens.get(language, 0) + batch.shape[0] * (batch.shape[1] - 1)
+    finally:
+        model.to(engine.offload_device)
+    return {i: {k: (v / tokens[k]).float() for k, v in by_language.items()} for i, by_language in sums.items()}
+
+
+def transformed(vectors: Mapping[str, torch.Tensor], extra: Mapping[str, np.ndarray], statistic: Statistic,
+                centre_languages: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The vectors as compared (fp64): log where the statistic says so, then minus the mean over
+    ``centre_languages`` when centred; ``extra`` (e.g. the mixture vector) transformed the same way."""
+    def one(v) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        return np.log(np.maximum(v, np.finfo(np.float64).tiny)) if statistic.log else v
+
+    out = {k: one(v) for k, v in vectors.items()}
+    more = {k: one(v) for k, v in extra.items()}
+    if statistic.centred:
+        centre = np.mean([out[k] for k in centre_languages if k in out], axis=0)
+        out = {k: v - centre for k, v in out.items()}
+        more = {k: v - centre for k, v in more.items()}
+    return out, more
 
 
 def cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -139,20 +225,55 @@ def mixture_vector(vectors: Mapping[str, torch.Tensor], counts: Mapping[str, int
 
 def similarity_record(vectors: dict[int, dict[str, torch.Tensor]], requested: list[int],
                       counts: Mapping[str, int], probe: CalibrationSet, config: AnalysisConfig,
-                      corpus: str) -> dict[str, Any]:
-    """What results.json keeps: per layer (keyed by absolute index) the languages, their cosine matrix and each
-    language's cosine with the calibration mixture."""
+                      corpus: str, evaluated: list[str]) -> dict[str, Any]:
+    """What results.json keeps: the statistic, and per layer (keyed by absolute index) the languages, their cosine
+    matrix and each language's cosine with the calibration mixture. Centred statistics centre on ``evaluated``
+    (the same languages in every job of a sweep)."""
+    statistic = STATISTICS[config.statistic]
     layers = {}
     for (index, by_language), asked in zip(vectors.items(), requested):
-        mix = mixture_vector(by_language, counts)
-        layers[str(index)] = {"requested": asked, "languages": list(by_language),
-                              "matrix": cosine_matrix(by_language).tolist(),
-                              "to_calibration": {k: cosine(v, mix) for k, v in by_language.items()}}
-    return {"statistic": STATISTIC,
+        compared, extra = transformed(by_language, {"mixture": mixture_vector(by_language, counts)}, statistic,
+                                      evaluated)
+        layers[str(index)] = {"requested": asked, "languages": list(compared),
+                              "matrix": cosine_matrix(compared).tolist(),
+                              "to_calibration": {k: cosine(v, extra["mixture"]) for k, v in compared.items()}}
+    return {"statistic": config.statistic, "description": statistic.description,
             "probe": {"corpus": corpus, "split": "calibration", "segments_per_language": config.segments,
                       "seqlen": int(next(iter(probe.segments.values())).shape[1]), "seed": config.seed},
             "calibration_counts": {k: v for k, v in counts.items() if v},
             "layers": layers}
+
+
+@dataclass
+class Separability:
+    """How well a statistic tells languages apart: each language's vector from one text sample against every
+    language's vector from another, disjoint sample."""
+
+    retrieval: float  # share of (language, direction) pairs whose own other sample is the most similar
+    gap: float  # (mean same-language cosine − mean other-language cosine) / std of the other-language cosines
+    same: float  # mean same-language cosine
+    other: float  # mean other-language cosine
+    languages: int
+
+
+def separability(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], statistic: str
+                 ) -> Separability:
+    """``first`` and ``second``: raw vectors of the same languages from two disjoint samples; each sample is
+    transformed (and centred on its own languages) as the statistic says, then compared across samples."""
+    kind = STATISTICS[statistic]
+    languages = [k for k in first if k in second]
+    a, _ = transformed({k: first[k] for k in languages}, {}, kind, languages)
+    b, _ = transformed({k: second[k] for k in languages}, {}, kind, languages)
+    ma = np.stack([a[k] for k in languages])
+    mb = np.stack([b[k] for k in languages])
+    sim = (ma / np.linalg.norm(ma, axis=1, keepdims=True)) @ (mb / np.linalg.norm(mb, axis=1, keepdims=True)).T
+    n = len(languages)
+    off = ~np.eye(n, dtype=bool)
+    diag = np.diag(sim)
+    hits = [diag[i] > sim[i, off[i]].max() for i in range(n)] + [diag[i] > sim[off[:, i], i].max() for i in range(n)]
+    others = sim[off]
+    return Separability(float(np.mean(hits)), float((diag.mean() - others.mean()) / others.std()),
+                        float(diag.mean()), float(others.mean()), n)
 
 
 def model_label(results: dict[str, Any]) -> str:
@@ -210,14 +331,19 @@ def write_similarity(output_dir: Path, record: dict[str, Any], model: str) -> li
     for index, layer in record["layers"].items():
         csv_path = Path(output_dir) / f"similarity_layer{index}.csv"
         atomic_write(csv_path, matrix_csv(layer["languages"], layer["matrix"]))
-        fig = plot_heatmap(layer["languages"], layer["matrix"], heatmap_title(model, index, layer["requested"]))
+        title = heatmap_title(model, index, layer["requested"], record.get("statistic"))
+        fig = plot_heatmap(layer["languages"], layer["matrix"], title)
         written += [csv_path, *save_figure(fig, csv_path.with_suffix(".png"))]
     return written
 
 
-def heatmap_title(model: str, index: int | str, requested: int | None) -> str:
-    return (f"{model}\ncosine similarity of per-language mean x² at the input of {layer_label(index, requested)}\n"
-            "(q/k/v input after the layer's input norm, dense model)")
+def heatmap_title(model: str, index: int | str, requested: int | None, statistic: str | None = None) -> str:
+    name = statistic if statistic in STATISTICS else LEGACY_STATISTIC
+    what = {"linear": "q/k/v input after the layer's input norm", "residual": "residual stream before the norm"}
+    kind = STATISTICS[name]
+    centred = ", centred on the evaluated languages' mean" if kind.centred else ""
+    return (f"{model}\ncosine similarity of per-language {name} at the input of {layer_label(index, requested)}\n"
+            f"({what[kind.source]}{centred}, dense model)")
 
 
 def wandb_media(record: dict[str, Any], model: str) -> dict[str, Any]:
@@ -227,7 +353,8 @@ def wandb_media(record: dict[str, Any], model: str) -> dict[str, Any]:
 
     logged = {}
     for index, layer in record["layers"].items():
-        fig = plot_heatmap(layer["languages"], layer["matrix"], heatmap_title(model, index, layer["requested"]))
+        title = heatmap_title(model, index, layer["requested"], record.get("statistic"))
+        fig = plot_heatmap(layer["languages"], layer["matrix"], title)
         logged[f"similarity/layer{index}/heatmap"] = wandb.Image(fig)
         plt.close(fig)
         logged[f"similarity/layer{index}/matrix"] = wandb.Table(

@@ -1,8 +1,10 @@
 """Token windows: seeded random calibration segments and non-overlapping evaluation windows, per language."""
 from __future__ import annotations
 
+import json
+import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,102 @@ def eval_windows(stream: torch.Tensor, seqlen: int, prefix: list[int], max_windo
     if max_windows:
         chunks = chunks[:max_windows]
     return [torch.cat([torch.tensor(prefix, dtype=torch.long), c]) for c in chunks]
+
+
+def window_bytes(tokenizer, windows: Mapping[str, Sequence[torch.Tensor]], prepend_bos: bool
+                 ) -> dict[str, list[int]]:
+    """Per language and window, the UTF-8 bytes of the text that the window's *predicted* tokens stand for: all but
+    its first token (the BOS prefix, ``prepend_bos``, or without one the first text token, which is context only).
+    The denominator of bits per byte (:attr:`mbs.evaluate.perplexity.LanguageLoss.bpb`).
+
+    Tokens are counted by :func:`token_bytes`, so a character that byte tokens split across two windows counts its
+    bytes where its tokens are, and the windows covering a text add up to its bytes exactly (tested; a Metaspace
+    tokenizer's added leading space counts one byte more). A tokenizer that function cannot read is counted by
+    decoding (:func:`decoded_window_bytes`)."""
+    try:
+        table = tokenizer._mbs_token_bytes  # read once per tokenizer object
+    except AttributeError:
+        table = token_bytes(tokenizer)
+        try:
+            tokenizer._mbs_token_bytes = table
+        except AttributeError:
+            pass
+    if table is None or any(int(w.max()) >= table.numel() for ws in windows.values() for w in ws if w.numel()):
+        return decoded_window_bytes(tokenizer, windows, prepend_bos)
+    return {language: [int(table[w[1:]].sum()) for w in language_windows]
+            for language, language_windows in windows.items()}
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_COUNTED_DECODERS = {"ByteLevel", "ByteFallback", "Metaspace", "Replace", "Fuse", "Strip"}
+
+
+def token_bytes(tokenizer) -> torch.Tensor | None:
+    """The UTF-8 bytes each token id stands for, read from a fast tokenizer's own byte encoding, never by decoding
+    a token alone (a byte token decodes to a replacement character, and some decoders drop a leading space):
+    byte-level BPE (GPT-2's byte alphabet: BLOOM, Llama 3, Qwen, mGPT) one byte per character of the token; a
+    byte-fallback token ``<0xNN>`` (SentencePiece: Gemma, Llama 2, Mixtral) one byte; any other token its text
+    after the decoder's replacements (``▁`` → space) in UTF-8; an added token its content. None when the decoder
+    does anything else (a slow tokenizer, WordPiece, a regex replacement): then only decoding can tell."""
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None:
+        return None
+    spec = json.loads(decoder.__getstate__())
+    parts = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
+    kinds = {p.get("type") for p in parts}
+    if not kinds <= _COUNTED_DECODERS or any("String" not in p["pattern"] for p in parts if p["type"] == "Replace"):
+        return None
+    replace = [(p["pattern"]["String"], p["content"]) for p in parts if p["type"] == "Replace"]
+    replace += [(p.get("replacement", "\u2581"), " ") for p in parts if p["type"] == "Metaspace"]
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet()) if "ByteLevel" in kinds else set()
+    added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    counts = []
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if "ByteFallback" in kinds and token and _BYTE_TOKEN.fullmatch(token):  # also when it is an added token
+            counts.append(1)
+        elif i in added:
+            counts.append(len(added[i].encode("utf-8")))
+        elif token is None:
+            counts.append(0)
+        elif alphabet and all(c in alphabet for c in token):
+            counts.append(len(token))
+        else:
+            for old, new in replace:
+                token = token.replace(old, new)
+            counts.append(len(token.encode("utf-8")))
+    return torch.tensor(counts, dtype=torch.long)
+
+
+CONTEXT_TOKENS = 8  # decoded before each span and subtracted: more than the 4 byte tokens a character can span
+
+
+def decoded_window_bytes(tokenizer, windows: Mapping[str, Sequence[torch.Tensor]], prepend_bos: bool
+                         ) -> dict[str, list[int]]:
+    """:func:`window_bytes` by decoding, for a tokenizer :func:`token_bytes` cannot read. A span is not decoded alone
+    (a leading space may be dropped, a character cut at its edge decodes to a replacement character): each window
+    counts ``len(decode(context + span)) - len(decode(context))``, the context being the ``CONTEXT_TOKENS`` text
+    tokens before the span (a language's windows are consecutive cuts of one stream, :func:`eval_windows`). A
+    character cut by a window edge then counts in the window where it starts, and the windows covering a text add
+    up to its bytes, except where byte-fallback tokens run longer than the context (their decoder replaces a whole
+    run that does not decode)."""
+    skip = 1 if prepend_bos else 0
+    out = {}
+    for language, language_windows in windows.items():
+        stream = [t for w in language_windows for t in w[skip:].tolist()]
+        spans, start = [], 0
+        for w in language_windows:
+            end = start + w.numel() - skip
+            first = start + 1 - skip  # stream index of the window's first predicted token, w[1]
+            spans.append((max(0, first - CONTEXT_TOKENS), first, end))
+            start = end
+        texts = tokenizer.batch_decode([stream[c:e] for c, _, e in spans] + [stream[c:f] for c, f, _ in spans],
+                                       skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        n = len(spans)
+        out[language] = [len(texts[i].encode("utf-8")) - len(texts[n + i].encode("utf-8")) for i in range(n)]
+    return out
 
 
 @dataclass

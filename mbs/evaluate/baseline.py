@@ -3,10 +3,14 @@ activation vectors — computed once and reused by every job and sweep (they wer
 
 An entry's key holds everything that determines its numbers: a digest of the weights themselves (so a changed model,
 dtype or conversion can never hit a stale entry, whatever its name), the exact token ids evaluated, the settings that
-change reductions (batch size, chunking, device), the numeric environment (threads, torch, transformers) and a digest
-of the source of the code that computes it (editing the evaluation code invalidates every entry). Values are stored
-as JSON, whose floats round-trip exactly, so a cached baseline equals a fresh evaluation bit for bit. Entries go
-through :mod:`mbs.cache` (locked, checksummed, rebuilt when damaged); ``force=true`` recomputes and replaces them.
+change reductions (batch size, chunking, device), the numeric environment (threads, torch, transformers, the CPU
+model and its float-kernel flags, BLAS, oneDNN, and on cuda the GPU: :func:`mbs.sweep.numeric_environment`, so an
+entry computed on one CPU or GPU is not reused on another) and a digest of the source of the code that computes it
+(editing the evaluation code invalidates every entry). Values are stored as JSON, whose floats round-trip exactly,
+so a cached baseline equals a fresh evaluation bit for bit. Entries go through :mod:`mbs.cache` (locked,
+checksummed, rebuilt when damaged); ``force=true`` recomputes and replaces them. The dense perplexity entry holds
+each language's NLL and token count; the bytes behind bits per byte are not in it (they depend on the text alone
+and are counted afresh every run, :func:`mbs.data.calibration.window_bytes`).
 """
 from __future__ import annotations
 
@@ -66,7 +70,8 @@ class DenseResults:
         """(value, "cached" or "computed", entry name); ``compute`` returns JSON-able data (floats round-trip)."""
         from mbs.sweep import numeric_environment
 
-        blob = json.dumps({"kind": kind, "weights": self.weights, "environment": numeric_environment(), **key},
+        environment = numeric_environment(key.get("device"))  # on cuda: with the GPU's name
+        blob = json.dumps({"kind": kind, "weights": self.weights, "environment": environment, **key},
                           sort_keys=True, default=str)
         name = f"dense/{kind}/{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
         computed: list[Any] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from mbs.models.adapter import Adapter
 class LanguageLoss:
     nll: float  # summed negative log-likelihood, nats
     tokens: int  # predicted tokens
+    bytes: int | None = None  # UTF-8 bytes of the text of the predicted tokens (mbs.data.calibration.window_bytes)
 
     @property
     def mean_nll(self) -> float:
@@ -24,6 +26,12 @@ class LanguageLoss:
     @property
     def perplexity(self) -> float:
         return math.exp(self.mean_nll)
+
+    @property
+    def bpb(self) -> float | None:
+        """Bits per byte: the summed NLL in bits over the bytes of the text predicted. Unlike perplexity per token,
+        comparable across languages and tokenizers (a language's tokens per byte does not enter); None without bytes."""
+        return self.nll / (math.log(2) * self.bytes) if self.bytes else None
 
 
 VOCAB_SLICE = 4096  # vocabulary entries per logits slab: chunk_tokens x 4096 fp32 values stay in cache
@@ -75,9 +83,11 @@ def window_nll(model: nn.Module, adapter: Adapter, windows: torch.Tensor, chunk_
 @torch.no_grad()
 def evaluate_languages(model: nn.Module, windows: dict[str, list[torch.Tensor]], device: torch.device | str,
                        batch_size: int = 8, chunk_tokens: int = 1024, progress: bool = True,
-                       vocab_slice: int = VOCAB_SLICE) -> dict[str, LanguageLoss]:
+                       vocab_slice: int = VOCAB_SLICE, window_bytes: Mapping[str, Sequence[int]] | None = None
+                       ) -> dict[str, LanguageLoss]:
     """Perplexity of every language; windows of equal length are batched together (the last, shorter window of a
-    language runs on its own, so no padding enters the loss)."""
+    language runs on its own, so no padding enters the loss). ``window_bytes`` (per language, per window:
+    :func:`mbs.data.calibration.window_bytes`) gives each loss its bytes, hence bits per byte."""
     adapter = Adapter(model)
     model.to(device)
     first = next((w for ws in windows.values() for w in ws), None)
@@ -100,5 +110,16 @@ def evaluate_languages(model: nn.Module, windows: dict[str, list[torch.Tensor]],
                 batch_nll, batch_tokens = window_nll(model, adapter, batch, chunk_tokens, vocab_slice)
                 nll += batch_nll
                 tokens += batch_tokens
-        results[language] = LanguageLoss(nll, tokens)
+        results[language] = LanguageLoss(nll, tokens, language_bytes(window_bytes, language, language_windows))
     return results
+
+
+def language_bytes(window_bytes: Mapping[str, Sequence[int]] | None, language: str, windows: Sequence[torch.Tensor]
+                   ) -> int | None:
+    """The bytes of a language's predicted text, from its per-window counts (None when there are none)."""
+    if not window_bytes or language not in window_bytes:
+        return None
+    counts = window_bytes[language]
+    if len(counts) != len(windows):
+        raise ValueError(f"{language}: {len(counts)} byte counts for {len(windows)} windows")
+    return int(sum(counts))

@@ -52,8 +52,9 @@ class WandbLogger:
     def log_results(self, results: dict[str, Any]) -> None:
         """The per-language table (ordered by training share, shares in percent) and a bar chart of it, the report's
         degradation figure titled with the run, per-language summary values (``dense_ppl/<lang>``,
-        ``compressed_ppl/<lang>``, ``ratio/<lang>``, ``calibration_segments/<lang>``), the summary metrics, achieved
-        sparsity, timings, and results.json as an artifact. The resolved config went in at start."""
+        ``compressed_ppl/<lang>``, ``ratio/<lang>``, ``dense_bpb/<lang>``, ``compressed_bpb/<lang>``,
+        ``calibration_segments/<lang>``), the summary metrics, achieved sparsity, timings, and results.json as an
+        artifact. The resolved config went in at start."""
         import wandb
 
         from mbs.record.results import by_training_share, is_low_resource
@@ -61,12 +62,13 @@ class WandbLogger:
         s = results["summary"]
         rows = by_training_share(results["languages"])
         segments = results["calibration"]["segments"]
-        columns = ["language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens",
-                   "low_resource", "calibration_segments"]
+        columns = ["language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "dense_bpb",
+                   "compressed_bpb", "tokens", "bytes", "low_resource", "calibration_segments"]
         table = wandb.Table(columns=columns, data=[
             [r["language"], None if r.get("training_share") is None else 100 * r["training_share"], r["dense_ppl"],
-             r["compressed_ppl"], r["ratio"], r["log_ratio"], r["tokens"],
-             is_low_resource(r.get("training_share"), s["low_resource_share"]), segments.get(r["language"], 0)]
+             r["compressed_ppl"], r["ratio"], r["log_ratio"], r.get("dense_bpb"), r.get("compressed_bpb"), r["tokens"],
+             r.get("bytes"), is_low_resource(r.get("training_share"), s["low_resource_share"]),
+             segments.get(r["language"], 0)]
             for r in rows])
         calibration = wandb.Table(columns=["language", "segments"], data=[[k, v] for k, v in segments.items()])
         logged: dict[str, Any] = {
@@ -93,8 +95,9 @@ class WandbLogger:
         summary["sparsity/overall"] = results["compression"]["sparsity"]
         summary.update({f"timing/{k}": v for k, v in results["timings"].items()})
         for r in rows:
-            for metric in ("dense_ppl", "compressed_ppl", "ratio", "log_ratio"):
-                summary[f"{metric}/{r['language']}"] = r[metric]
+            for metric in ("dense_ppl", "compressed_ppl", "ratio", "log_ratio", "dense_bpb", "compressed_bpb"):
+                if r.get(metric) is not None:
+                    summary[f"{metric}/{r['language']}"] = r[metric]
         summary.update({f"calibration_segments/{k}": v for k, v in segments.items()})
         summary["calibration_segments/total"] = results["calibration"]["total"]
         summary.update({f"zeroshot/{r['task']}/{r['metric']}/{k}": r[k] for r in zeroshot

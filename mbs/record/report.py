@@ -59,9 +59,14 @@ def result_key(job: Job) -> str:
     return job.results.get("experiment_id") or str(job.results_path)
 
 
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def frame(jobs: list[Job]) -> pd.DataFrame:
     """One row per finished job and language (a result reached by two jobs, e.g. a resumed one, counts once).
-    ``training_share_pct``: the language's share of the model's whole training distribution, in percent."""
+    ``training_share_pct``: the language's share of the model's whole training distribution, in percent.
+    ``dense_bpb``/``compressed_bpb``: bits per byte (NaN for results written before they were recorded)."""
     labels = conditions(jobs)
     rows, seen = [], set()
     for i, job in enumerate(jobs):
@@ -80,6 +85,7 @@ def frame(jobs: list[Job]) -> pd.DataFrame:
                          "training_share_pct": math.nan if share is None else 100 * share,
                          "dense_ppl": r["dense_ppl"], "compressed_ppl": r["compressed_ppl"], "ratio": r["ratio"],
                          "log_ratio": r["log_ratio"], "retention": r["dense_ppl"] / r["compressed_ppl"],
+                         "dense_bpb": _float(r.get("dense_bpb")), "compressed_bpb": _float(r.get("compressed_bpb")),
                          "sparsity": res["compression"]["sparsity"], **described})
     return pd.DataFrame(rows)
 

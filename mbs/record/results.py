@@ -3,7 +3,12 @@
 Shares: every row carries ``training_share``, the language's share of the model's *whole* training distribution
 (a fraction in results.json; None when the distribution does not name the language). It does not depend on which
 languages were evaluated, so a language is low-resource or not whatever else is in the run. Tables, figures and logs
-show it in percent (``format_share``)."""
+show it in percent (``format_share``).
+
+Bits per byte: every row also carries ``bytes``, the UTF-8 bytes of the text whose tokens were predicted, and
+``dense_bpb``/``compressed_bpb`` = summed NLL / (ln 2 · bytes). Perplexity is per token, and languages (and
+tokenizers) differ in tokens per byte, so per-token numbers of two languages are not on one scale; per byte they
+are."""
 from __future__ import annotations
 
 import csv
@@ -15,7 +20,8 @@ from typing import Any
 
 from mbs.atomic import atomic_write_all
 
-COLUMNS = ("language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "tokens")
+COLUMNS = ("language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "dense_bpb",
+           "compressed_bpb", "tokens", "bytes")
 # Default low-resource threshold: below 1% of the model's training distribution. On BLOOM's ROOTS shares this splits
 # the MBS paper's 20 languages into 8 above (en … id, the lowest at 1.38%) and 12 below (hi at 0.81% … ig), with
 # no language within 0.19 points of the line.
@@ -50,7 +56,10 @@ def language_rows(dense: dict[str, Any], compressed: dict[str, Any],
             "compressed_ppl": c.perplexity,
             "ratio": c.perplexity / d.perplexity,
             "log_ratio": c.mean_nll - d.mean_nll,
+            "dense_bpb": d.bpb,  # bits per byte: NLL / (ln 2 · bytes); None without bytes
+            "compressed_bpb": c.bpb,
             "tokens": d.tokens,
+            "bytes": d.bytes,  # UTF-8 bytes of the text of the predicted tokens
         })
     return rows
 
@@ -76,12 +85,19 @@ def summary(rows: list[dict[str, Any]], low_resource_share: float = LOW_RESOURCE
             "languages_without_share": [r["language"] for r in rows if r.get("training_share") is None]}
 
 
+def _number(value: float | int | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| language | training share % | dense ppl | compressed ppl | ratio | log ratio | tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The per-language table; bits per byte and bytes show as '–' in rows written before they were recorded."""
+    lines = ["| language | training share % | dense ppl | compressed ppl | ratio | log ratio | dense bpb | "
+             "compressed bpb | tokens | bytes |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in by_training_share(rows):
         lines.append(f"| {r['language']} | {format_share(r.get('training_share'))} | {r['dense_ppl']:.2f} | "
-                     f"{r['compressed_ppl']:.2f} | {r['ratio']:.3f} | {r['log_ratio']:.3f} | {r['tokens']} |")
+                     f"{r['compressed_ppl']:.2f} | {r['ratio']:.3f} | {r['log_ratio']:.3f} | "
+                     f"{_number(r.get('dense_bpb'), '.4f')} | {_number(r.get('compressed_bpb'), '.4f')} | "
+                     f"{r['tokens']} | {_number(r.get('bytes'), 'd')} |")
     return "\n".join(lines) + "\n"
 
 
