@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 import mbs  # noqa: E402
 from mbs.compress.engine import EngineConfig  # noqa: E402
-from mbs.evaluate.baseline import DenseResults, weights_fingerprint  # noqa: E402
+from mbs.evaluate.baseline import DenseResults  # noqa: E402
+from mbs.fingerprint import weights_fingerprint  # noqa: E402
 from mbs.models.loading import _converted_name, load_model, model_cache  # noqa: E402
 from mbs.pipeline import dense_perplexity, prepare  # noqa: E402
 

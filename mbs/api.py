@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mbs.compress.base import Compressor
+from mbs.config import build, register
 from mbs.compress import engine
 from mbs.compress.engine import CompressionReport, EngineConfig, StatisticsObserver
 from mbs.data.cache import TokenCache
@@ -26,8 +27,6 @@ def compose(*overrides: str):
     """The run config exactly as ``python run.py <overrides>`` composes it (this checkout's ``conf/``), unchecked."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from mbs.config import register
-
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
@@ -36,8 +35,6 @@ def compose(*overrides: str):
 def configure(*overrides: str):
     """The checked objects of a run config (:class:`mbs.config.Run`: model spec, corpus, sampler, compressor, ...),
     e.g. ``configure("model=bloom-560m", "compressor=gptq").model.distribution``."""
-    from mbs.config import build
-
     return build(compose(*overrides))
 
 

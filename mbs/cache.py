@@ -39,7 +39,7 @@ _warned_unwritable: set[Path] = set()  # one warning per cache (and the caches i
 
 
 def file_digest(path: str | Path) -> str:
-    """xxh3-128 of a file's bytes: fast enough to check every load (~5 GB/s), and any changed byte shows."""
+    """xxh3-128 of a file's bytes: fast enough to check on every load, and any changed byte shows."""
     import xxhash
 
     digest, buffer = xxhash.xxh3_128(), bytearray(_CHUNK)

@@ -11,9 +11,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mbs.analyze.similarity import AnalysisConfig
 from mbs.compress.engine import EngineConfig
-from mbs.compress.pruning import Dense, Magnitude, Wanda
-from mbs.compress.quantization import GPTQ, RTN
-from mbs.compress.sparsegpt import SparseGPT
+from mbs.compress.registry import COMPRESSORS
 from mbs.data.corpora import UDHRCorpus
 from mbs.data.hub import HubCorpus
 from mbs.data.local import LocalCorpus
@@ -78,8 +76,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "sampler": {"proportional_schema": ProportionalSampler, "uniform_schema": UniformSampler,
                 "temperature_schema": TemperatureSampler,
                 "counts_schema": CountsSampler, "monolingual_schema": MonolingualSampler},
-    "compressor": {"dense_schema": Dense, "magnitude_schema": Magnitude, "wanda_schema": Wanda,
-                   "sparsegpt_schema": SparseGPT, "gptq_schema": GPTQ, "rtn_schema": RTN},
+    # every @register_compressor class (mbs/compress/registry.py), as <name>_schema
+    "compressor": {f"{name}_schema": schema for name, schema in COMPRESSORS.items()},
     "eval": {"eval_schema": EvalConfig},
     "logger": {"wandb_schema": WandbLogger, "none_schema": NoLogger},
 }

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,29 +16,31 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mbs.analyze import similarity
-from mbs.api import calibration_mixture, compress_model, evaluation_windows, export, perplexity, window_bytes
+from mbs.analyze.similarity_plots import model_label, write_similarity
+from mbs.api import calibration_mixture, evaluation_windows, export, perplexity, window_bytes
 from mbs.compress import engine as engine_module
 from mbs.compress import statistics as statistics_module
-from mbs.compress.cached import LanguageStatistics, check_cached, compress_cached
-from mbs.compress.engine import check_device_available, check_modules, layer_modules
+from mbs.compress.engine import (CompressionReport, PipelineContext, check_device_available, check_modules,
+                                 layer_modules)
+from mbs.compress.registry import PIPELINES
 from mbs.config import Run, build
 from mbs.data.cache import TokenCache
 from mbs.data.calibration import CalibrationSet, SegmentSource
 from mbs.data.corpora import UDHRCorpus, check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares
+from mbs.fingerprint import (experiment_id, numeric_environment, source_fingerprint, tokens_fingerprint,
+                             weights_fingerprint)
 from mbs.evaluate import perplexity as perplexity_module
-from mbs.evaluate.baseline import DenseResults, source_fingerprint, tokens_fingerprint, weights_fingerprint
+from mbs.evaluate.baseline import DenseResults
 from mbs.evaluate.perplexity import LanguageLoss, language_bytes
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
-from mbs.evaluate.zeroshot import to_markdown as zeroshot_markdown
 from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
 from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
 from mbs.record.export import check_export
 from mbs.record.identity import identity
-from mbs.record.results import format_share, language_rows, summary, to_markdown, write_results
-from mbs.sweep import experiment_id, numeric_environment
+from mbs.record.results import RunResult, format_table, language_rows, summary, write_results
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +126,7 @@ def prepare(cfg: DictConfig) -> Prepared:
                 analysis_layers = []
         if run.save_model:
             check_export(run.save_format, run.compressor, layer_modules(skeleton))
-        if run.engine.mode == "cached":
-            check_cached(run.compressor, skeleton)
+        PIPELINES[run.engine.mode].check(run.compressor, skeleton)  # what this engine.mode cannot do
         zeroshot = prepare_zeroshot(run.eval.tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
                                     run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
@@ -149,100 +151,94 @@ def prepare(cfg: DictConfig) -> Prepared:
                     {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, source, nbytes, similarity_skipped)
 
 
-def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> dict[str, Any]:
-    run, spec, windows = prepared.run, prepared.run.model, prepared.windows
-    timings = dict(prepared.timings)
-    t = time.perf_counter()
-
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Seconds of the block into ``timings[key]``."""
     t0 = time.perf_counter()
-    model = load_model(spec, seed=run.seed)
-    timings["load_s"] = time.perf_counter() - t0
+    try:
+        yield
+    finally:
+        timings[key] = time.perf_counter() - t0
+
+
+def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
+    """Load → dense evaluation (and similarity probe) → compress → compressed evaluation → the run's result."""
+    run, spec, zeroshot = prepared.run, prepared.run.model, prepared.zeroshot
+    timings = dict(prepared.timings)
+    start = time.perf_counter()
+    with timed(timings, "load_s"):
+        model = load_model(spec, seed=run.seed)
 
     def evaluate() -> dict:
-        return perplexity(model, windows, device=run.engine.device, batch_size=run.eval.batch_size,
+        return perplexity(model, prepared.windows, device=run.engine.device, batch_size=run.eval.batch_size,
                           chunk_tokens=run.eval.chunk_tokens, progress=run.progress,
                           window_bytes=prepared.window_bytes)
 
-    t0 = time.perf_counter()
-    dense_results = DenseResults(model_cache(spec), weights_fingerprint(model), force=run.force)
-    timings["fingerprint_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dense, baseline = dense_perplexity(dense_results, evaluate, model, windows, run, prepared.window_bytes)
-    timings["eval_dense_s"] = time.perf_counter() - t0
-    zeroshot = prepared.zeroshot
+    with timed(timings, "fingerprint_s"):
+        dense_results = DenseResults(model_cache(spec), weights_fingerprint(model), force=run.force)
+    with timed(timings, "eval_dense_s"):
+        dense, baseline = dense_perplexity(dense_results, evaluate, model, prepared.windows, run, prepared.window_bytes)
     if zeroshot:
-        t0 = time.perf_counter()
-        zeroshot_dense = zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos, run.progress)
-        timings["zeroshot_dense_s"] = time.perf_counter() - t0
+        with timed(timings, "zeroshot_dense_s"):
+            zeroshot_dense = zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos, run.progress)
     model.to(run.engine.offload_device)
-
     language_similarity = None
     if prepared.probe is not None:  # on the dense model, before compression
-        t0 = time.perf_counter()
-        vectors, baseline["similarity"] = dense_similarity(dense_results, model, prepared, run)
-        language_similarity = similarity.similarity_record(vectors, list(run.analysis.layers), prepared.counts,
-                                                           prepared.probe, run.analysis, run.data.name,
-                                                           list(run.eval.languages))
-        timings["similarity_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    statistics = None
-    if run.engine.mode == "cached":
-        statistics = LanguageStatistics(model, prepared.source, dense_results.weights, model_cache(spec),
-                                        run.engine.device, force=run.force, pool=run.engine.statistics_pool)
-        report = compress_cached(model, run.compressor, prepared.calibration, statistics, run.engine.offload_device,
-                                 progress=run.progress)
-    else:
-        report = compress_model(model, run.compressor, prepared.calibration, run.engine, progress=run.progress)
-    timings["compress_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    compressed = evaluate()
-    timings["eval_compressed_s"] = time.perf_counter() - t0
+        with timed(timings, "similarity_s"):
+            vectors, baseline["similarity"] = dense_similarity(dense_results, model, prepared, run)
+            language_similarity = similarity.similarity_record(
+                vectors, list(run.analysis.layers), prepared.counts, prepared.probe, run.analysis, run.data.name,
+                list(run.eval.languages))
+    with timed(timings, "compress_s"):
+        context = PipelineContext(progress=run.progress, source=prepared.source, weights=dense_results.weights,
+                                  store=model_cache(spec), force=run.force)
+        report = PIPELINES[run.engine.mode](model, run.compressor, prepared.calibration, run.engine, context)
+    with timed(timings, "eval_compressed_s"):
+        compressed = evaluate()
+    zeroshot_record = None
     if zeroshot:
-        t0 = time.perf_counter()
-        zeroshot_rows = compare(zeroshot_dense, zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos,
-                                                                  run.progress))
-        timings["zeroshot_compressed_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t + timings["data_s"]
-
-    distribution = absolute_shares(spec.distribution)
-    rows = language_rows(dense, compressed, distribution)
-    results = {
-        "experiment_id": experiment_id(cfg),  # resume key (mbs/sweep.py)
-        "run": prepared.identity,  # name, chosen option of each config group, schema classes
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "model": {"name": spec.name, "parameters": sum(p.numel() for p in model.parameters()),
-                  "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy,
-                  "distribution": distribution},
-        "calibration": {"segments": {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()},
-                        "seqlen": spec.seqlen, "total": prepared.calibration.total},
-        "languages": rows,
-        "summary": summary(rows, run.eval.low_resource_share),
-        "compression": {"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,
-                        "zeros": report.zeros, "params": report.params, "layers": report.layers,
-                        "uncalibrated": report.uncalibrated,  # MoE experts no calibration token reached: left as is
-                        "mode": run.engine.mode,  # sequential, or cached: non-sequential from cached statistics
-                        **({"statistics_blocks": {"loaded": statistics.loaded, "computed": statistics.computed}}
-                           if statistics else {})},
-        "similarity": language_similarity,
-        **({"similarity_skipped": prepared.similarity_skipped} if prepared.similarity_skipped else {}),
-        "dense_baseline": baseline,  # cached or computed, and the cache entries
-        "timings": timings,
-        # what can change the numbers outside the config (mbs.sweep.numeric_environment: threads, versions, CPU
-        # model and float-kernel flags, BLAS, oneDNN; the GPU on cuda), with the Python version and device
-        "environment": {**numeric_environment(run.engine.device), "python": platform.python_version(),
-                        "device": run.engine.device},
-    }
-    if zeroshot:
-        results["zeroshot"] = {"harness": harness_version(), "tasks": zeroshot.tasks,
-                               "limit": run.eval.zeroshot.limit, "num_fewshot": run.eval.zeroshot.num_fewshot,
-                               "results": zeroshot_rows}
+        with timed(timings, "zeroshot_compressed_s"):
+            rows = compare(zeroshot_dense, zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos, run.progress))
+        zeroshot_record = {"harness": harness_version(), "tasks": zeroshot.tasks, "limit": run.eval.zeroshot.limit,
+                           "num_fewshot": run.eval.zeroshot.num_fewshot, "results": rows}
+    timings["total_s"] = time.perf_counter() - start + timings["data_s"]
+    result = run_result(cfg, prepared, model, language_rows(dense, compressed, absolute_shares(spec.distribution)),
+                        report, language_similarity, baseline, timings)
+    result.zeroshot = zeroshot_record
     if run.save_model:
-        t0 = time.perf_counter()
-        results["export"] = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
-        timings["save_s"] = time.perf_counter() - t0
-    return results
+        with timed(timings, "save_s"):
+            result.export = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
+    return result
+
+
+def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list[dict[str, Any]],
+               report: CompressionReport, language_similarity: dict[str, Any] | None, baseline: dict[str, Any],
+               timings: dict[str, float]) -> RunResult:
+    """The run's result from what the stages returned."""
+    run, spec = prepared.run, prepared.run.model
+    return RunResult(
+        experiment_id=experiment_id(cfg),
+        run=prepared.identity,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        model={"name": spec.name, "parameters": sum(p.numel() for p in model.parameters()),
+               "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy,
+               "distribution": absolute_shares(spec.distribution)},
+        calibration={"segments": {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()},
+                     "seqlen": spec.seqlen, "total": prepared.calibration.total},
+        languages=rows,
+        summary=summary(rows, run.eval.low_resource_share),
+        compression={"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,
+                     "zeros": report.zeros, "params": report.params, "layers": report.layers,
+                     "uncalibrated": report.uncalibrated,  # MoE experts no calibration token reached: left as is
+                     "mode": run.engine.mode,  # sequential, or cached: non-sequential from cached statistics
+                     **({"statistics_blocks": report.statistics_blocks} if report.statistics_blocks else {})},
+        similarity=language_similarity,
+        similarity_skipped=prepared.similarity_skipped,
+        dense_baseline=baseline,
+        timings=timings,
+        # numeric_environment: threads, versions, CPU model and float-kernel flags, BLAS, oneDNN; the GPU on cuda
+        environment={**numeric_environment(run.engine.device), "python": platform.python_version(),
+                     "device": run.engine.device})
 
 
 def dense_perplexity(dense_results: DenseResults, evaluate: Callable[[], dict[str, LanguageLoss]], model: nn.Module,
@@ -280,20 +276,21 @@ def dense_similarity(dense_results: DenseResults, model: nn.Module, prepared: Pr
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Execute one run with its logger around it; the logger finishes even when the run fails. The table is printed
-    and logged before the result files are written, so a full disk at the end loses neither."""
+    and logged before the result files are written, so a full disk at the end loses neither. Returns results.json's
+    content (:meth:`RunResult.to_json`)."""
     output_dir = Path(output_dir)
     check_writable(output_dir)
     prepared = prepare(cfg)
     config = {**OmegaConf.to_container(cfg, resolve=True), **{k: v for k, v in prepared.identity.items() if k != "name"}}
     logger = prepared.run.logger.start(config, str(output_dir), name=prepared.identity["name"])
     try:
-        results = execute(cfg, prepared, output_dir)
-        print(format_table(results), flush=True)
-        logger.log_results(results)
+        result = execute(cfg, prepared, output_dir)
+        print(format_table(result), flush=True)
+        logger.log_results(result)
         try:
-            if results.get("similarity"):  # before results.json, which marks the run as finished
-                similarity.write_similarity(output_dir, results["similarity"], similarity.model_label(results))
-            write_results(output_dir, results)
+            if result.similarity:  # before results.json, which marks the run as finished
+                write_similarity(output_dir, result.similarity, model_label(result))
+            write_results(output_dir, result)
         except OSError as err:
             raise ResultsNotWritten(f"could not write the result files to {output_dir} ({err.strerror or err}); "
                                     f"the table above and the logger hold the results; no file was half-written"
@@ -302,27 +299,4 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         logger.finish(failed=True)
         raise
     logger.finish()
-    return results
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """The console summary: what ran, the geometric-mean ratio over languages (and over low-resource ones), and the
-    per-language table ordered by training share."""
-    s = results["summary"]
-    name = results.get("run", {}).get("name") or f"{results['model']['name']} · {results['compression']['method']}"
-    head = (f"{name} · achieved sparsity {results['compression']['sparsity']:.4f} · "
-            f"geometric-mean ratio ×{s['geomean_ratio']:.3f} (mean log ratio {s['mean_log_ratio']:.3f}, "
-            f"median {s['median_log_ratio']:.3f})")
-    if s.get("low_resource_geomean_ratio") is not None:
-        head += (f" · low-resource (training share < {format_share(s['low_resource_share'])}%: "
-                 f"{len(s['low_resource_languages'])} languages) ×{s['low_resource_geomean_ratio']:.3f}")
-    head += f" · {results['timings']['total_s']:.1f}s"
-    if results["model"].get("distribution_is_proxy"):
-        head += f"\ntraining shares: {results['model']['distribution_source']}"
-    model_config = results.get("config", {}).get("model", {})
-    if model_config.get("source") == "gguf_package":
-        head += f"\ndense = the de-quantized weights of {model_config.get('gguf_file')}"
-    table = head + "\n" + to_markdown(results["languages"])
-    if results.get("zeroshot"):
-        table += "\nZero-shot accuracy (lm-eval):\n" + zeroshot_markdown(results["zeroshot"]["results"])
-    return table
+    return result.to_json()

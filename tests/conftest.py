@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ARCHS = ("bloom", "llama", "gemma3")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SWEEP_TINY = ["model=tiny-llama", "sampler.segments=20", "eval.languages=[en,sw]", "progress=false"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,3 +54,31 @@ def replay(adapter, batches):
     for i, layer in enumerate(adapter.layers):
         hidden = run_layer(layer, adapter, hidden, captured.layer_kwargs[i])
     return captured, hidden
+
+
+def compose_run(*overrides):
+    """The run config as ``python run.py <overrides>`` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from mbs.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_py(tmp_path, *overrides, check=True):
+    """``python run.py`` in a subprocess, writing into tmp_path."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path}", "progress=false", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def multirun(sweep_dir, *overrides, timeout=300):
+    """``python run.py --multirun`` of the tiny model into sweep_dir."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "run.py", "--multirun", f"hydra.sweep.dir={sweep_dir}", *SWEEP_TINY,
+                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -18,7 +18,7 @@ from mbs.analyze.retention import POOLED, WITHIN, analyze, cluster_bootstrap
 from mbs.compress.engine import EngineConfig
 from mbs.models.adapter import Adapter
 from mbs.record.report import build_report
-from mbs.sweep import collect_jobs
+from mbs.record.jobs import collect_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_resolve_layers_counts_from_the_end_and_names_the_range():
 
 
 def test_out_of_range_layer_is_one_line_before_the_model_loads(monkeypatch):
-    from test_config import compose_run
+    from conftest import compose_run
 
     import mbs.pipeline as pipeline
 
@@ -337,28 +337,11 @@ def test_too_few_languages_for_a_ci_is_said_not_printed_as_nan(tmp_path):
     assert all("nan" not in text.lower() for text in legend), legend
 
 
-def _with_bpb_columns(monkeypatch) -> None:
-    """Until the report frame carries dense_bpb / compressed_bpb, add them from results.json as it will."""
-    real = retention.frame
-
-    def frame(jobs):
-        df = real(jobs)
-        if "dense_bpb" not in df:
-            rows = {(j.results.get("experiment_id"), r["language"]): r for j in jobs if j.results
-                    for r in j.results["languages"]}
-            for col in retention.BPB_COLUMNS:
-                df[col] = [rows[(k, lang)].get(col, math.nan) for k, lang in zip(df["experiment_id"], df["language"])]
-        return df
-
-    monkeypatch.setattr(retention, "frame", frame)
-
-
 BPB = {c: {lang: 0.2 * sim + 0.01 * i for i, (lang, sim) in enumerate(by.items())}
        for c, by in SIMS4.items()}  # bits per byte lost: grows with similarity, unlike the log ratios' retention
 
 
 def test_bpb_metric_uses_bits_per_byte(tmp_path, monkeypatch):
-    _with_bpb_columns(monkeypatch)
     _small_sweep(tmp_path, extra=lambda c, lang: {"dense_bpb": 1.5, "compressed_bpb": 1.5 + BPB[c][lang]})
     result = analyze(tmp_path, tmp_path / "out", seed=0, n_resamples=999, metric="bpb")
     df = result.data
@@ -388,8 +371,43 @@ def test_bpb_metric_fails_in_one_line_without_bits_per_byte(tmp_path, monkeypatc
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "predate bits per byte" in lines[0], proc.stderr
     # some jobs with bits per byte and some without: no silent subset
-    _with_bpb_columns(monkeypatch)
     mixed = tmp_path / "mixed"
     _small_sweep(mixed, extra=lambda c, lang: {} if c == "b" else {"dense_bpb": 1.5, "compressed_bpb": 1.6})
     with pytest.raises(ValueError, match=r"^metric=bpb: 1 of 3 job\(s\) have languages without bits per byte"):
         analyze(mixed, mixed / "out", metric="bpb", n_resamples=200)
+
+
+def test_two_way_fixed_effects_remove_a_language_level_confound(tmp_path):
+    """Similarity and retention both follow a per-language offset (as script or tokens per byte would), and within a
+    language retention does not move with similarity across jobs: the within-condition estimate is fooled, the
+    job-and-language fixed-effects estimate is not; a planted within-language effect is recovered."""
+    rng = np.random.default_rng(4)
+    langs = [f"l{i:02d}" for i in range(16)]
+    offset = dict(zip(langs, rng.normal(0, 1, len(langs))))
+
+    def sweep(root, effect):
+        for num in range(5):
+            job = root / f"{num}_sampler=s{num}"
+            (job / ".hydra").mkdir(parents=True)
+            (job / ".hydra" / "overrides.yaml").write_text(f"- sampler=s{num}\n")
+            sims = {k: 0.5 + 0.1 * offset[k] + 0.05 * rng.normal() for k in langs}
+            rows = []
+            for k in langs:
+                r = 0.3 * offset[k] + effect * (sims[k] - 0.5 - 0.1 * offset[k]) + 0.01 * rng.normal() - 0.1 * num
+                rows.append({"language": k, "training_share": 0.01 * (1 + langs.index(k)), "dense_ppl": 10.0,
+                             "compressed_ppl": 10.0 * math.exp(-r), "ratio": math.exp(-r), "log_ratio": -r,
+                             "tokens": 9})
+            results = {"experiment_id": f"e{num}", "config": {"seed": 0}, "model": {"name": "toy"},
+                       "languages": rows, "compression": {"sparsity": 0.5},
+                       "similarity": {"layers": {"0": {"requested": 0, "languages": langs,
+                                                       "matrix": np.eye(len(langs)).tolist(), "to_calibration": sims}}}}
+            (job / "results.json").write_text(json.dumps(results))
+        return analyze(root, n_resamples=999)
+
+    confounded = sweep(tmp_path / "a", effect=0.0)
+    assert confounded.within[1].spearman > 0.5 and confounded.within[1].spearman_ci[0] > 0
+    lo, hi = confounded.two_way[0].spearman_ci
+    assert lo < 0 < hi, confounded.two_way[0]
+    planted = sweep(tmp_path / "b", effect=2.0)
+    assert planted.two_way[0].pearson > 0.9 and planted.two_way[0].pearson_ci[0] > 0.5
+    assert "job and language fixed effects" in (tmp_path / "a" / "analysis" / "analysis.md").read_text()

@@ -264,7 +264,7 @@ def test_every_tiny_family_runs_end_to_end_through_run_py_with_wanda_and_gptq(tm
 
 def test_layers_that_cannot_be_found_stop_the_run_before_the_model_loads(monkeypatch):
     """One line naming the model type and model.layers_path, from the weightless skeleton, before any weight loads."""
-    from test_config import compose_run
+    from conftest import compose_run
 
     import mbs.pipeline as pipeline
     from mbs.models import loading

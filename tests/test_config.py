@@ -1,15 +1,14 @@
 import re
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+
+from conftest import CONF, compose_run
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from mbs.config import build, register
 from mbs.pipeline import plan
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "data", "sampler", "compressor", "eval", "logger")
 
 register()
@@ -17,11 +16,6 @@ register()
 
 def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_run(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])

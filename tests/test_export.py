@@ -100,7 +100,7 @@ def test_bad_export_input_is_refused():
      "mbs: error: compressor.actorder=true with compressor.static_groups=false makes groups of permuted columns"),
 ])
 def test_run_py_refuses_bad_export_input_in_one_line(tmp_path, overrides, message):
-    from test_run import run_py
+    from conftest import run_py
 
     proc = run_py(tmp_path, "model=tiny-llama", "logger=none", *overrides, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith(message), proc.stderr[-2000:]

@@ -15,7 +15,7 @@ from mbs.compress.pruning import Wanda
 from mbs.compress.statistics import ColumnSquares
 from mbs.data.calibration import SegmentSource, language_segments
 from mbs.data.corpora import UDHRCorpus
-from mbs.evaluate.baseline import weights_fingerprint
+from mbs.fingerprint import weights_fingerprint
 from mbs.models.adapter import Adapter
 from mbs.pipeline import run
 

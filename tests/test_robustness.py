@@ -15,7 +15,8 @@ import mbs.config
 import mbs.pipeline
 from mbs.models.spec import ModelSpec
 from mbs.record.loggers import NoLogger
-from mbs.sweep import experiment_id, find_results
+from mbs.fingerprint import experiment_id
+from mbs.record.jobs import find_results
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = ["model=tiny-llama", "logger=none", "sampler.segments=8", "eval.languages=[en,sw]", "eval.max_windows=2",
@@ -91,7 +92,7 @@ def test_numeric_environment_names_the_machine_and_is_stable(monkeypatch):
     import builtins
     import platform
 
-    from mbs.sweep import _machine_environment, numeric_environment
+    from mbs.fingerprint import _machine_environment, numeric_environment
 
     first = numeric_environment()
     assert set(first) >= {"threads", "torch", "transformers", "cpu", "machine", "cpu_flags", "cpu_capability", "blas",

@@ -4,21 +4,12 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_py
+
 pytestmark = pytest.mark.slow  # run.py in subprocesses (deselect: -m "not slow")
-
-
-def run_py(tmp_path, *overrides, check=True):
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path}", "progress=false", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.parametrize("arch, compressor", [("gemma3", "wanda"), ("bloom", "magnitude"), ("llama", "dense")])

@@ -101,7 +101,7 @@ def test_unknown_statistic_is_one_line():
 def test_a_centred_statistic_with_two_evaluated_languages_is_skipped_and_said(monkeypatch, caplog):
     """Centring on two languages makes their vectors opposite (every cosine ±1): the similarity is not computed, a
     warning says why before the model loads, and results.json records the reason (mbs/pipeline.py)."""
-    from test_config import compose_run
+    from conftest import compose_run
 
     import mbs.pipeline as pipeline
 

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_sweep import multirun
+from conftest import multirun
 
-from mbs.sweep import collect_jobs
+from mbs.record.jobs import collect_jobs
 
 pytestmark = pytest.mark.slurm
 CLUSTER = os.environ.get("MBS_SLURM_CLUSTER")
@@ -69,8 +69,8 @@ def test_sweep_on_slurm_runs_fails_alone_and_resumes_without_submitting(slurm, t
     for sparsity in ("0.3", "0.5"):
         job = jobs[f"compressor.sparsity={sparsity}"]
         assert job.status == "done"
-        assert job.results["compression"]["sparsity"] == pytest.approx(float(sparsity), abs=0.01)
-        assert [row["language"] for row in job.results["languages"]] == ["en", "sw"]
+        assert job.results.compression["sparsity"] == pytest.approx(float(sparsity), abs=0.01)
+        assert [row["language"] for row in job.results.languages] == ["en", "sw"]
     failed = jobs["compressor.sparsity=1.0"]
     assert failed.status == "failed" and not (failed.directory / "results.json").exists()
     failure = json.loads((failed.directory / "failure.json").read_text())

@@ -1,31 +1,24 @@
 """Sweeps end to end on a tiny model: multirun → report, resume, one failing job, W&B offline files, submitit."""
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+from conftest import ROOT, SWEEP_TINY, multirun
 from mbs.config import build, register
 from mbs.pipeline import plan
 from mbs.record.report import build_report
-from mbs.sweep import collect_jobs, expand, experiment_id
+from mbs.fingerprint import experiment_id
+from mbs.record.jobs import collect_jobs, expand
+from mbs.record.results import RunResult
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny-llama", "sampler.segments=20", "eval.languages=[en,sw]", "progress=false"]
+TINY = SWEEP_TINY
 GRID = ["logger=none", "sampler=english,uniform", "compressor.sparsity=0.3,0.5"]
 
 register()
-
-
-def multirun(sweep_dir, *overrides, timeout=300):
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "run.py", "--multirun", f"hydra.sweep.dir={sweep_dir}", *TINY, *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +183,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = collect_jobs(tmp_path)
     assert [j.status for j in jobs] == ["done", "done"]
-    assert {j.results["compression"]["method"] for j in jobs} == {"dense", "magnitude"}
+    assert {j.results.compression["method"] for j in jobs} == {"dense", "magnitude"}
 
 
 def compose_hydra(*overrides):
@@ -251,8 +244,9 @@ def test_every_sweep_job_composes_and_passes_the_input_checks(name):
 def test_seeds_become_mean_and_t_interval():
     from scipy import stats
 
-    from mbs.record.report import aggregate, condition_summary, frame, markdown
-    from mbs.sweep import Job
+    from mbs.record.frame import frame
+    from mbs.record.report import aggregate, condition_summary, markdown
+    from mbs.record.jobs import Job
 
     def job(seed, sampler, ppl):
         rows = [{"language": "en", "training_share": 0.9, "dense_ppl": 10.0, "compressed_ppl": ppl, "ratio": ppl / 10.0,
@@ -261,7 +255,7 @@ def test_seeds_become_mean_and_t_interval():
                  "log_ratio": 0.2, "tokens": 5}]
         res = {"experiment_id": f"{sampler}{seed}", "config": {"seed": seed}, "languages": rows,
                "compression": {"sparsity": 0.5}}
-        return Job([f"sampler={sampler}", f"seed={seed}", "logger=none"], "done", results=res)
+        return Job([f"sampler={sampler}", f"seed={seed}", "logger=none"], "done", results=RunResult.from_json(res))
 
     ppls = [11.0, 12.0, 14.0]
     jobs = [job(s, "mbs", p) for s, p in enumerate(ppls)] + [job(0, "english", 13.0)]
@@ -279,14 +273,15 @@ def test_seeds_become_mean_and_t_interval():
 def test_report_frame_has_bits_per_byte_and_nan_for_older_results():
     import math
 
-    from mbs.record.report import frame
-    from mbs.sweep import Job
+    from mbs.record.frame import frame
+    from mbs.record.jobs import Job
 
     row = {"language": "en", "training_share": 0.9, "dense_ppl": 10.0, "compressed_ppl": 12.0, "ratio": 1.2,
            "log_ratio": math.log(1.2), "tokens": 5}
     new = {"experiment_id": "new", "config": {"seed": 0}, "compression": {"sparsity": 0.5},
            "languages": [{**row, "bytes": 20, "dense_bpb": 0.9, "compressed_bpb": 1.1}]}
     old = {"experiment_id": "old", "config": {"seed": 1}, "compression": {"sparsity": 0.5}, "languages": [row]}
-    df = frame([Job(["seed=0"], "done", results=new), Job(["seed=1"], "done", results=old)])
+    df = frame([Job(["seed=0"], "done", results=RunResult.from_json(new)),
+                Job(["seed=1"], "done", results=RunResult.from_json(old))])
     assert list(df["dense_bpb"][:1]) == [0.9] and list(df["compressed_bpb"][:1]) == [1.1]
     assert math.isnan(df["dense_bpb"][1]) and math.isnan(df["compressed_bpb"][1])

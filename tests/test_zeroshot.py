@@ -123,23 +123,24 @@ def test_unknown_task_is_one_line_before_the_model_loads(tmp_path):
 def test_report_section_has_dense_compressed_and_difference_per_condition():
     from scipy import stats
 
-    from mbs.record.report import conditions
+    from mbs.record.frame import conditions
     from mbs.record.zeroshot_table import zeroshot_section
-    from mbs.sweep import Job
+    from mbs.record.jobs import Job
+    from mbs.record.results import RunResult
 
     def job(seed, compressor, compressed):
         row = {"task": "udhr_mc_en", "metric": "acc_norm", "n": 65, "dense": 0.8, "dense_stderr": 0.05,
                "compressed": compressed, "compressed_stderr": 0.06, "difference": compressed - 0.8,
                "difference_stderr": 0.04}
         res = {"experiment_id": f"{compressor}{seed}", "config": {"seed": seed}, "zeroshot": {"results": [row]}}
-        return Job([f"compressor={compressor}", f"seed={seed}"], "done", results=res)
+        return Job([f"compressor={compressor}", f"seed={seed}"], "done", results=RunResult.from_json(res))
 
     jobs = [job(0, "wanda", 0.6), job(0, "sparsegpt", 0.7), job(1, "sparsegpt", 0.74)]
     md, df = zeroshot_section(jobs, conditions(jobs))
     assert len(df) == 3 and "| task | metric | items | dense % | compressor=wanda | compressor=sparsegpt |" in md
     half = 100 * stats.t.ppf(0.975, 1) * stats.tstd([0.7, 0.74]) / 2 ** 0.5
     assert f"| udhr_mc_en | acc_norm | 65 | 80.0 ± 5.0 | 60.0 ± 6.0 (Δ -20.0 ± 4.0) | 72.0 ± {half:.1f} (Δ -8.0 ± {half:.1f}) |" in md
-    assert zeroshot_section([Job(["compressor=wanda"], "done", results={"config": {}})], {0: "x"}) is None
+    assert zeroshot_section([Job(["compressor=wanda"], "done", results=RunResult.from_json({"config": {}}))], {0: "x"}) is None
 
 
 def test_continuation_scorer_matches_hflm_on_every_architecture(tokenizer):

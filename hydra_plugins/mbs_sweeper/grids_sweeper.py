@@ -3,7 +3,7 @@ exists for some conditions (english/mbs/uniform calibration plus ``sampler=monol
 SparseGPT at 50% plus GPTQ at 3 bits). Without grids it is the basic sweeper, except that jobs whose results are
 already in their directory (same sweep dir, same overrides, same experiment id) are not launched: on SLURM a resumed
 sweep submits only what is left. Hydra only loads plugins from the ``hydra_plugins`` package, hence this module; the
-expansion itself is mbs.sweep.expand (the report uses it too)."""
+expansion itself is mbs.record.jobs.expand (the report uses it too)."""
 
 import json
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ class GridsSweeper(BasicSweeper):
         return []  # params are folded in per grid by split_arguments below
 
     def split_arguments(self, overrides: Any, max_batch_size: Optional[int]) -> List[List[List[str]]]:  # type: ignore[override]
-        from mbs.sweep import expand
+        from mbs.record.jobs import expand
 
         arguments = [o.input_line for o in overrides]
         jobs = expand(self.params, self.grids, arguments)

@@ -36,11 +36,11 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from mbs.analyze.similarity import model_label
+from mbs.analyze.similarity_plots import heatmap_title, layer_label, matrix_csv, model_label, plot_heatmap
 from mbs.atomic import atomic_write
 from mbs.record.figures import save_figure
-from mbs.record.report import frame, result_key
-from mbs.sweep import Job, collect_jobs, format_status
+from mbs.record.frame import frame, result_key
+from mbs.record.jobs import Job, collect_jobs, format_status
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ N_RESAMPLES = 9999
 MIN_LANGUAGES = 3
 POOLED = "pooled across conditions (includes between-condition differences)"
 WITHIN = "within condition (centred per job)"
+TWO_WAY = "within condition and language (job and language fixed effects)"
 CI_RESAMPLES = "95% CI: BCa bootstrap over languages, each resampled with all its jobs"
 
 
@@ -114,9 +115,9 @@ def retention_frame(jobs: list[Job], metric: str = "log_ratio") -> pd.DataFrame:
     df = retention_frame_of(df, metric)
     sims: dict[str, dict[str, dict[str, float]]] = {}  # experiment key -> layer -> language -> similarity
     for job in jobs:
-        if job.results is not None and job.results.get("similarity"):
+        if job.results is not None and job.results.similarity:
             sims[result_key(job)] = {i: layer["to_calibration"]
-                                     for i, layer in job.results["similarity"]["layers"].items()}
+                                     for i, layer in job.results.similarity["layers"].items()}
     layers = list(dict.fromkeys(i for by_layer in sims.values() for i in by_layer))
     for index in layers:
         df[similarity_column(index)] = [sims.get(k, {}).get(index, {}).get(lang, math.nan)
@@ -319,6 +320,48 @@ def within_correlation(df: pd.DataFrame, factor: str, label: str, seed: int = 0,
     lo, hi = cluster_bootstrap(usable["language"].to_numpy(), statistic, seed, n_resamples)
     return Correlation(factor, label, len(usable), usable["language"].nunique(), left_out, rho,
                        (float(lo[0]), float(hi[0])), r, (float(lo[1]), float(hi[1])), WITHIN, int(groups.max()) + 1)
+
+
+def two_way_residuals(values: np.ndarray, groups: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """``values`` (points × columns) minus their least-squares fit on one intercept per job (``groups``) and one per
+    language (``units``): what varies within a language across jobs beyond what every language of a job shares."""
+    design = np.column_stack([np.eye(groups.max() + 1)[groups], np.eye(units.max() + 1)[units]])
+    fit = design @ np.linalg.lstsq(design, values, rcond=None)[0]
+    out = values - fit
+    out[np.abs(out) <= 1e-12 * np.maximum(1.0, np.abs(values).max(0))] = 0.0
+    return out
+
+
+def two_way_correlation(df: pd.DataFrame, factor: str, label: str, seed: int = 0, n_resamples: int = N_RESAMPLES,
+                        metric: str = "log_ratio") -> Correlation:
+    """Spearman and Pearson of retention with ``factor`` after removing job and language fixed effects: does a
+    language keep more in the jobs whose mixture is more similar to it, whatever it keeps on average (its script,
+    tokens per byte, share) and whatever a job costs every language? Needs a factor that varies within a language
+    across jobs (similarity; not the share). The bootstrap resamples languages; a language drawn twice counts as two."""
+    usable = _usable(df, [factor], metric)
+    left_out = sorted(set(df["language"]) - set(usable["language"]))
+    _need_languages(usable, label)
+    groups = pd.factorize(usable["experiment_id"])[0]
+    codes = pd.factorize(usable["language"])[0]
+    xy = usable[[factor, metric_of(metric).column]].to_numpy(float)
+
+    def statistic(rows: np.ndarray) -> np.ndarray:
+        draw = np.zeros(len(rows), dtype=int)  # which draw of its language each row belongs to
+        seen: dict[int, int] = {}
+        for k, row in enumerate(rows):
+            seen[row] = seen.get(row, -1) + 1
+            draw[k] = seen[row]
+        units = pd.factorize(codes[rows] * len(rows) + draw)[0]
+        if np.unique(codes[rows]).size < 2:
+            return np.full(2, math.nan)
+        res = two_way_residuals(xy[rows], pd.factorize(groups[rows])[0], units)
+        return spearman_pearson(res[:, 0], res[:, 1])
+
+    estimate = statistic(np.arange(len(usable)))
+    lo, hi = cluster_bootstrap(usable["language"].to_numpy(), statistic, seed, n_resamples)
+    return Correlation(factor, label, len(usable), usable["language"].nunique(), left_out, float(estimate[0]),
+                       (float(lo[0]), float(hi[0])), float(estimate[1]), (float(lo[1]), float(hi[1])), TWO_WAY,
+                       int(groups.max()) + 1)
 
 
 @dataclass
@@ -589,13 +632,14 @@ class Analysis:
     within_fits: list[WithinFit] = field(default_factory=list)
     per_condition: list[ConditionCorrelations] = field(default_factory=list)
     metric: str = "log_ratio"
+    two_way: list[Correlation] = field(default_factory=list)  # similarity, job and language fixed effects
 
 
 def _heatmap_source(jobs: list[Job], index: str) -> tuple[dict[str, Any] | None, float]:
     """The layer record covering the most languages, and the largest disagreement of any other job's matrix with it
     on their common languages (0 when every job probed the same dense model the same way)."""
-    records = [j.results["similarity"]["layers"][index] for j in jobs
-               if j.results is not None and (j.results.get("similarity") or {}).get("layers", {}).get(index)]
+    records = [j.results.similarity["layers"][index] for j in jobs
+               if j.results is not None and (j.results.similarity or {}).get("layers", {}).get(index)]
     if not records:
         return None, math.nan
     best = max(records, key=lambda r: len(r["languages"]))
@@ -624,7 +668,6 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, seed: int = 0,
     """Collect a sweep directory and write analysis.md, analysis.csv (statistics), analysis_points.csv (one row per
     job and language), the scatters and the similarity heatmaps into out (default <sweep_dir>/analysis).
     ``metric``: what retention is measured in (``METRICS``: "log_ratio", nats per token, or "bpb", bits per byte)."""
-    from mbs.analyze.similarity import heatmap_title, layer_label, matrix_csv, plot_heatmap
 
     m = metric_of(metric)
     sweep_dir = Path(sweep_dir)
@@ -641,7 +684,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, seed: int = 0,
     models = _models(jobs)
     requested, statistics = {}, []
     for job in jobs:
-        record = (job.results or {}).get("similarity") or {}
+        record = (job.results.similarity if job.results else None) or {}
         statistics.append(record.get("statistic"))
         for index, layer in record.get("layers", {}).items():
             requested.setdefault(index, layer.get("requested"))
@@ -652,6 +695,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, seed: int = 0,
     kw = dict(seed=seed, n_resamples=n_resamples, metric=m.name)
     corrs = [correlation(df, f, label, **kw) for f, label in factors]
     within = [within_correlation(df, f, label, **kw) for f, label in factors]
+    two_way = [two_way_correlation(df, f, label, **kw) for f, label in factors[1:]]
     pairs = [([SHARE, similarity_column(i)], ["log10 share", f"similarity ({names[i]})"]) for i in layers]
     fits = [joint_fit(df, f, labels, **kw) for f, labels in pairs]
     within_fits = [within_fit(df, f, labels, **kw) for f, labels in pairs]
@@ -694,11 +738,11 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, seed: int = 0,
         points += [*BPB_COLUMNS, METRICS["bpb"].column]
     points += [similarity_column(i) for i in layers]
     atomic_write(files[2], df[points].to_csv(index=False, float_format="%.10g"))
-    table = _statistics_table(within, corrs, within_fits, fits, conditions, m)
+    table = _statistics_table(within, corrs, within_fits, fits, conditions, m, two_way)
     atomic_write(files[1], table.to_csv(index=False, float_format="%.10g"))
     atomic_write(files[0], _markdown(sweep_dir, status, models, sentence, within, corrs, within_fits, fits,
-                                     conditions, heatmap_notes, n_resamples, seed, m, files[3:]))
-    return Analysis(status, df, corrs, fits, sentence, files, within, within_fits, conditions, m.name)
+                                     conditions, heatmap_notes, n_resamples, seed, m, files[3:], two_way))
+    return Analysis(status, df, corrs, fits, sentence, files, within, within_fits, conditions, m.name, two_way)
 
 
 def _ci_columns(ci: tuple[float, float], languages: int) -> dict[str, Any]:
@@ -707,10 +751,11 @@ def _ci_columns(ci: tuple[float, float], languages: int) -> dict[str, Any]:
 
 
 def _statistics_table(within: list[Correlation], corrs: list[Correlation], within_fits: list[WithinFit],
-                      fits: list[JointFit], conditions: list[ConditionCorrelations], metric: Metric) -> pd.DataFrame:
+                      fits: list[JointFit], conditions: list[ConditionCorrelations], metric: Metric,
+                      two_way: list[Correlation] = ()) -> pd.DataFrame:
     """analysis.csv: one row per estimate; an empty CI with a note where the bootstrap has none."""
     rows = []
-    for scope, group in ((WITHIN, within), (POOLED, corrs)):
+    for scope, group in ((WITHIN, within), (POOLED, corrs), (TWO_WAY, two_way)):
         for c in group:
             for stat in ("spearman", "pearson"):
                 rows.append({"analysis": f"correlation, {scope}", "factor": c.label, "statistic": stat,
@@ -751,7 +796,7 @@ def _statistics_table(within: list[Correlation], corrs: list[Correlation], withi
 def _markdown(sweep_dir: Path, status: str, models: str, sentence: str, within: list[Correlation],
               corrs: list[Correlation], within_fits: list[WithinFit], fits: list[JointFit],
               conditions: list[ConditionCorrelations], heatmap_notes: list[str], n_resamples: int, seed: int,
-              metric: Metric, figures: list[Path]) -> str:
+              metric: Metric, figures: list[Path], two_way: list[Correlation] = ()) -> str:
     lines = [f"# Retention analysis: {sweep_dir}", "", "```", status, "```", "", f"Model(s): {models}.", "",
              f"**{sentence}**", "",
              f"Each point is one finished job and one evaluated language. Retention = {metric.definition}, in "
@@ -764,7 +809,11 @@ def _markdown(sweep_dir: Path, status: str, models: str, sentence: str, within: 
              "rank correlation of the centred values (not of ranks within each job). The joint fit within condition "
              "has one intercept per job (job fixed effects; the same slopes as least squares on the centred values). "
              f"*{POOLED[0].upper() + POOLED[1:]}*: the same over the raw points, where a factor whose job means "
-             "move with the jobs' mean retention shows a correlation even when no single job has one.", "",
+             "move with the jobs' mean retention shows a correlation even when no single job has one. "
+             f"*{TWO_WAY[0].upper() + TWO_WAY[1:]}* (similarity only; the share does not vary within a language): "
+             "retention and similarity with one intercept per job and one per language removed, so what is left is "
+             "whether a language keeps more in the jobs whose mixture is more similar to it, whatever that language "
+             "keeps on average (its script, tokens per byte, share).", "",
              "95% CIs: BCa bootstrap over languages (scipy.stats.bootstrap, "
              f"{n_resamples} resamples, seed {seed}): a language is resampled with all its jobs, the centring redone "
              "in each resample; within one job each language is one point. Where some resample holds a single "
@@ -772,8 +821,11 @@ def _markdown(sweep_dir: Path, status: str, models: str, sentence: str, within: 
              "(n = languages)\".", "",
              "| factor | estimate | points | languages | jobs | left out | Spearman ρ [95% CI] | Pearson r [95% CI] |",
              "|---|---|---:|---:|---:|---|---:|---:|"]
+    by_factor = {t.factor: t for t in two_way}
     for w, c in zip(within, corrs):
-        for scope, x in ((WITHIN, w), (POOLED, c)):
+        for scope, x in ((WITHIN, w), (POOLED, c), (TWO_WAY, by_factor.get(w.factor))):
+            if x is None:
+                continue
             lines.append(f"| {x.label} | {scope} | {x.n} | {x.languages} | {x.conditions} | "
                          f"{', '.join(x.left_out) or '–'} | {_cell(x.spearman, x.spearman_ci, x.languages)} | "
                          f"{_cell(x.pearson, x.pearson_ci, x.languages)} |")

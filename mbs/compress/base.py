@@ -25,7 +25,8 @@ class Statistic(Protocol):
 
 @dataclass
 class Compressor:
-    """Base of every compressor. Subclasses are dataclasses whose fields are their config (``conf/compressor/``)."""
+    """Base of every compressor. Subclasses are dataclasses whose fields are their config (``conf/compressor/``),
+    registered by name with ``@register_compressor`` (mbs/compress/registry.py)."""
 
     needs_statistics: ClassVar[bool] = False
 

@@ -5,7 +5,7 @@ Each language's calibration sample is cut into blocks of ``BLOCK`` segments (seg
 mixture asks for: :func:`mbs.data.calibration.language_segments`). A block is forwarded once through the dense model
 (one batch, so its numbers never depend on what else a job needs) with every decoder layer's Linear inputs observed,
 and each segment's statistic is kept apart: for Wanda, Σx² per input channel of every input group (q/k/v share one),
-[BLOCK, width] fp32 per layer and group, 2.5 MB per block for Gemma 3 270M (measured). A job loads the blocks its
+[BLOCK, width] fp32 per layer and group (the README gives the size per block). A job loads the blocks its
 counts need (computing the missing ones), sums each language's first ``count`` segments in fp64 and compresses every
 module from that mixture's statistic, with no further forward. ``engine.statistics_pool=N`` caps the segments
 forwarded per language: a count above N is covered by the language's first N segments scaled by count/N (the
@@ -15,8 +15,7 @@ in all.
 This is the *non-sequential* variant: every layer's statistic comes from dense-model inputs, not from inputs that
 the already-compressed earlier layers produced, as in the sequential engine (the default, and the reference; the
 sweep benchmark reports how far the two are apart per language). Statistics that are sums of per-token vectors
-(Wanda's; magnitude needs none) are supported; Hessians would need width² per segment (6M floats per layer for Gemma
-3 270M, by its widths), so SparseGPT and GPTQ refuse this mode. Models that route tokens to experts refuse it too
+(Wanda's; magnitude needs none) are supported; Hessians would need width² per segment, so SparseGPT and GPTQ refuse this mode. Models that route tokens to experts refuse it too
 (which tokens an expert sees is not separable by segment through the observers).
 """
 from __future__ import annotations
@@ -35,18 +34,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mbs.cache import Cache
-from mbs.compress.base import Compressor
-from mbs.compress.engine import (CompressionReport, InputGroups, _layer_record, _module_figures, check_modules,
+from mbs.compress.base import Compressor, Statistic
+from mbs.compress.engine import (CompressionReport, EngineConfig, InputGroups, PipelineContext, check_modules,
                                  module_names)
+from mbs.compress.registry import register_pipeline
 from mbs.compress.statistics import ColumnSquares
+from mbs.compress.step import compress_layer, layer_record
 from mbs.data.calibration import CalibrationSet, SegmentSource
+from mbs.fingerprint import numeric_environment
 from mbs.models.adapter import Adapter
 
 log = logging.getLogger(__name__)
 
 BLOCK = 8  # segments per forward and per cache entry
 VERSION = 1  # bump when what a block holds changes
-MODES = ("sequential", "cached")
 
 
 def check_cached(compressor: Compressor, model: nn.Module) -> None:
@@ -109,8 +110,6 @@ class LanguageStatistics:
 
     def _name(self, language: str, block: int) -> str:
         if language not in self._keys:  # the sample's key reads the corpus files' digests: once per language
-            from mbs.sweep import numeric_environment
-
             key = json.dumps({"v": VERSION, "block": BLOCK, "weights": self.weights, "device": self.device,
                               "sample": self.source.key(language), "environment": numeric_environment()},
                              sort_keys=True, default=str)
@@ -171,7 +170,8 @@ def check_sample(calibration: CalibrationSet, source: SegmentSource) -> None:
 
 @torch.no_grad()
 def compress_cached(model: nn.Module, compressor: Compressor, calibration: CalibrationSet,
-                    statistics: LanguageStatistics, offload_device: str = "cpu", progress: bool = True):
+                    statistics: LanguageStatistics, offload_device: str = "cpu",
+                    progress: bool = True) -> CompressionReport:
     """Compress every decoder layer from the mixture's non-sequential statistics (no forward once cached)."""
     adapter = Adapter(model)
     check_modules(model, compressor)
@@ -192,22 +192,30 @@ def compress_cached(model: nn.Module, compressor: Compressor, calibration: Calib
                       leave=False)
     for i, layer in layers:
         t0 = time.perf_counter()
-        modules = {}
-        shared = {}
-        for name, module in adapter.linears(layer).items():
-            statistic = None
-            if mixed:
-                leader = leaders[str(i)][name]
-                if leader != name:
-                    shared[name] = leader
-                statistic = compressor.new_statistic(module)
-                statistic.sum = mixed[f"{i}.{leader}"].to(statistic.sum.device)
-                statistic.tokens = tokens
-            extra = {} if compressor.is_noop else compressor.compress(f"{full[id(layer)]}.{name}", module, statistic)
-            modules[name] = {**_module_figures(module), **extra}
+        linears = adapter.linears(layer)
+        leader = leaders[str(i)] if leaders else {}
+        totals: dict[str, Statistic] = {}
+        for group in dict.fromkeys(leader.values()):  # the mixture's sum handed to the compressor's own statistic
+            totals[group] = compressor.new_statistic(linears[group])
+            totals[group].merge(ColumnSquares.from_sum(mixed[f"{i}.{group}"], tokens))
+        step = compress_layer(adapter, full[id(layer)], linears, compressor, totals, leader)
+        report.uncalibrated += step.uncalibrated
         layer.to(offload_device)
-        report.layers.append(_layer_record(i, time.perf_counter() - t0, modules, shared))
+        report.layers.append(layer_record(i, time.perf_counter() - t0, step.modules, step.shared_inputs))
     report.seconds = time.perf_counter() - start
+    report.statistics_blocks = {"loaded": statistics.loaded, "computed": statistics.computed}
     log.info("cached statistics: %d blocks of %d segments loaded, %d computed", statistics.loaded, BLOCK,
              statistics.computed)
     return report
+
+
+@register_pipeline("cached", check=check_cached)
+def cached(model: nn.Module, compressor: Compressor, calibration: CalibrationSet, config: EngineConfig,
+           context: PipelineContext) -> CompressionReport:
+    """``engine.mode=cached``: the dense model's statistics of ``context.source``'s segments (kept in
+    ``context.store``, keyed by ``context.weights``), mixed as ``calibration`` counts them."""
+    if context.source is None:
+        raise ValueError("engine.mode=cached needs the languages' segment source (PipelineContext.source)")
+    statistics = LanguageStatistics(model, context.source, context.weights, context.store, config.device,
+                                    force=context.force, pool=config.statistics_pool)
+    return compress_cached(model, compressor, calibration, statistics, config.offload_device, context.progress)

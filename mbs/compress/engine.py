@@ -9,6 +9,10 @@
    statistic; these forwards stop at the last Linear (not in MoE layers); the compressor edits the weights (an expert
    no token reached is left as is and reported); the layer is re-run so the next layer sees compressed outputs; the
    layer goes back to the offload device.
+
+The compression of one layer from its statistics is :func:`mbs.compress.step.compress_layer`, which the cached mode
+(mbs/compress/cached.py) shares; both are registered as pipelines (``engine.mode``, mbs/compress/registry.py) called
+as ``PIPELINES[mode](model, compressor, calibration, config, context)``.
 """
 from __future__ import annotations
 
@@ -17,21 +21,24 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mbs.compress.base import Compressor, Statistic
-from mbs.data.calibration import ALL_LANGUAGES, CalibrationSet
+from mbs.compress.registry import PIPELINES, register_pipeline
+from mbs.compress.step import compress_layer, layer_record
+from mbs.data.calibration import ALL_LANGUAGES, CalibrationSet, SegmentSource
 from mbs.models.adapter import Adapter
-from mbs.models.experts import ExpertView
+
+if TYPE_CHECKING:
+    from mbs.cache import Cache
 
 log = logging.getLogger(__name__)
 
 # (layer index, input-group name, {language: statistic}) -> None; lets later stages keep per-language statistics.
 StatisticsObserver = Callable[[int, str, dict[str, Statistic]], None]
-UNCALIBRATED = "no calibration token was routed to this expert: left as is"
 
 
 @dataclass
@@ -40,12 +47,12 @@ class EngineConfig:
     offload_device: str = "cpu"  # where layers wait before and after their turn
     batch_size: int = 8
     per_language_statistics: bool = False  # keep one statistic per language (else one for all) for observers
-    mode: str = "sequential"  # or "cached": non-sequential, from cached per-language statistics (mbs/compress/cached.py)
+    mode: str = "sequential"  # a registered pipeline; "cached": non-sequential, from cached per-language statistics
     statistics_pool: int = 0  # cached mode: segments forwarded per language at most (0: all the mixture's, exactly)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("sequential", "cached"):
-            raise ValueError(f"engine.mode={self.mode!r} is not a mode; allowed: sequential, cached")
+        if self.mode not in PIPELINES:
+            raise ValueError(f"engine.mode={self.mode!r} is not a mode; allowed: {', '.join(PIPELINES)}")
         if self.statistics_pool < 0:
             raise ValueError(f"engine.statistics_pool={self.statistics_pool} must be >= 0 (0: every segment)")
         if self.batch_size < 1:
@@ -76,6 +83,19 @@ def check_device_available(device: str, key: str) -> None:
 
 
 @dataclass
+class PipelineContext:
+    """What a pipeline may need beyond the model, compressor, calibration set and engine config; each pipeline reads
+    the fields it uses, so every pipeline is called the same way."""
+
+    progress: bool = True
+    observer: StatisticsObserver | None = None  # sequential: handed each layer's per-language statistics
+    source: SegmentSource | None = None  # cached: any number of each language's calibration segments
+    weights: str = ""  # cached: fingerprint of the dense weights (part of the statistics' cache key)
+    store: Cache | None = None  # cached: where statistics blocks are kept (None: computed in memory only)
+    force: bool = False  # cached: recompute stored blocks
+
+
+@dataclass
 class Captured:
     """Layer-0 inputs per batch, each layer's kwargs per batch, and each batch's language."""
 
@@ -89,6 +109,7 @@ class CompressionReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     uncalibrated: list[str] = field(default_factory=list)  # "layer i name" of modules left as is: no token reached them
+    statistics_blocks: dict[str, int] | None = None  # cached mode: {"loaded": n, "computed": n} statistics blocks
 
     @property
     def zeros(self) -> int:
@@ -196,7 +217,7 @@ def collect_statistics(layer: nn.Module, adapter: Adapter, compressor: Compresso
         buffer = buffers.get(name)
         if buffer is None or buffer.shape != flat.shape:
             buffer = buffers[name] = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-        return buffer.copy_(flat)  # measured 2.5-4x faster here than a fresh .float() copy per batch
+        return buffer.copy_(flat)  # cheaper than a fresh .float() copy per batch
 
     def record(name: str, x: torch.Tensor) -> None:
         current["calls"] += 1
@@ -262,20 +283,6 @@ def merged(by_language: dict[str, Statistic], fresh: Callable[[], Statistic]) ->
     return total
 
 
-def _layer_record(index: int, seconds: float, modules: dict[str, dict[str, Any]],
-                  shared_inputs: dict[str, str]) -> dict[str, Any]:
-    zeros = sum(m["zeros"] for m in modules.values())
-    params = sum(m["params"] for m in modules.values())
-    return {"index": index, "seconds": seconds, "sparsity": zeros / params if params else 0.0, "modules": modules,
-            "shared_inputs": shared_inputs}
-
-
-def _module_figures(module: nn.Linear) -> dict[str, Any]:
-    w = module.weight
-    zeros = int((w == 0).sum())
-    return {"zeros": zeros, "params": w.numel(), "sparsity": zeros / w.numel()}
-
-
 def check_modules(model: nn.Module, compressor: Compressor) -> None:
     """Ask the compressor about every module it will see (shapes only: works on a meta-device skeleton)."""
     for name, module in layer_modules(model).items():
@@ -309,8 +316,9 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     start = time.perf_counter()
     report = CompressionReport()
     if compressor.is_noop:
-        report.layers = [_layer_record(i, 0.0, {n: _module_figures(m) for n, m in adapter.linears(layer).items()}, {})
-                         for i, layer in enumerate(layers)]
+        for i, layer in enumerate(layers):
+            step = compress_layer(adapter, full[id(layer)], adapter.linears(layer), compressor, {}, {})
+            report.layers.append(layer_record(i, 0.0, step.modules, step.shared_inputs))
         return report
 
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -332,7 +340,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
             t0 = time.perf_counter()
             layer.to(device)
             linears = adapter.linears(layer)
-            stats, leader = {}, {}
+            stats, leader, totals = {}, {}, {}
             if captured is not None:
                 stats, leader = collect_statistics(layer, adapter, compressor, captured.inputs,
                                                    captured.layer_kwargs[i], captured.languages,
@@ -342,23 +350,13 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
                         observer(i, group, by_language)
                 totals = {group: merged(by_language, lambda g=group: compressor.new_statistic(linears[g]))
                           for group, by_language in stats.items()}
-            modules = {}
-            for name, module in linears.items():
-                statistic = totals[leader[name]] if captured is not None and name in leader else None
-                if captured is not None and statistic is None:  # an expert no calibration token was routed to
-                    modules[name] = {**_module_figures(module), "tokens": 0, "skipped": UNCALIBRATED}
-                    report.uncalibrated.append(f"{full[id(layer)]}.{name}")
-                    continue
-                extra = compressor.compress(f"{full[id(layer)]}.{name}", module, statistic)
-                if isinstance(module, ExpertView):  # how many calibration tokens the router sent this expert
-                    extra = {"tokens": statistic.tokens, **extra} if hasattr(statistic, "tokens") else extra
-                modules[name] = {**_module_figures(module), **extra}
-            del stats
+            step = compress_layer(adapter, full[id(layer)], linears, compressor, totals, leader)
+            report.uncalibrated += step.uncalibrated
+            del stats, totals
             if captured is not None and i + 1 < len(layers):
                 captured.inputs = run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
             layer.to(config.offload_device)
-            report.layers.append(_layer_record(i, time.perf_counter() - t0, modules,
-                                               {n: g for n, g in leader.items() if n != g}))
+            report.layers.append(layer_record(i, time.perf_counter() - t0, step.modules, step.shared_inputs))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
@@ -368,3 +366,10 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
         log.warning("%d expert matrices saw no calibration token and were left as is: %s", len(report.uncalibrated),
                     ", ".join(report.uncalibrated))
     return report
+
+
+@register_pipeline("sequential")
+def sequential(model: nn.Module, compressor: Compressor, calibration: CalibrationSet, config: EngineConfig,
+               context: PipelineContext) -> CompressionReport:
+    """``engine.mode=sequential``: :func:`compress_model`."""
+    return compress_model(model, compressor, calibration, config, context.observer, context.progress)

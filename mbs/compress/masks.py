@@ -1,7 +1,7 @@
 """Mask selection shared by pruners: which weights to zero given a score (lower = less important).
 
 Every selection equals a stable sort's (equal scores break by index, lowest first), so the same scores always give the
-same mask; the k-th lowest score is found by selection (topk, kthvalue) rather than a full sort, 3-10x faster here.
+same mask; the k-th lowest score is found by selection (topk, kthvalue) rather than a full sort, which is faster.
 """
 from __future__ import annotations
 

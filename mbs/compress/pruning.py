@@ -9,6 +9,7 @@ from torch import nn
 
 from mbs.compress.base import Compressor
 from mbs.compress.masks import lowest_n_of_m, lowest_overall, lowest_per_row
+from mbs.compress.registry import register_compressor
 from mbs.compress.statistics import ColumnSquares
 
 
@@ -57,6 +58,7 @@ class Pruner(Compressor):
         return {}
 
 
+@register_compressor("magnitude")
 @dataclass
 class Magnitude(Pruner):
     """Exactly k = int(numel·sparsity) lowest |W| per matrix; the reference (Wanda's ``prune_magnitude``) zeroes every
@@ -71,6 +73,7 @@ class Magnitude(Pruner):
         return lowest_n_of_m(score, self.n, self.m) if self.structured else lowest_overall(score, self.sparsity)
 
 
+@register_compressor("wanda")
 @dataclass
 class Wanda(Pruner):
     needs_statistics: ClassVar[bool] = True
@@ -82,6 +85,7 @@ class Wanda(Pruner):
         return module.weight.detach().float().abs() * statistic.norm.to(module.weight.device)[None, :]
 
 
+@register_compressor("dense")
 @dataclass
 class Dense(Compressor):
     """The no-op compressor: the dense baseline through the same pipeline."""

@@ -1,4 +1,4 @@
-"""Weight quantizers on the shared grid (mbs/compress/quantizer.py): RTN (round to nearest, data-free) and GPTQ
+"""Weight quantizers on the shared grid (mbs/compress/grid.py): RTN (round to nearest, data-free) and GPTQ
 (Frantar et al. 2023: quantize column by column and push each column's rounding error onto the columns not yet
 quantized through the inverse Hessian of the inputs). Weights stay in the model's dtype, fake-quantized; each module's
 scales, zero points and column->group map are kept in ``records`` for export."""
@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from mbs.compress.base import Compressor
-from mbs.compress.hessian import HessianSolver, prepare, sweep
-from mbs.compress.quantizer import ColumnQuantizer, QuantSpec, record
+from mbs.compress.hessian import HessianSolver, factorize, sweep
+from mbs.compress.grid import ColumnQuantizer, QuantSpec, record
+from mbs.compress.registry import register_compressor
 from mbs.compress.statistics import Hessian
 
 
@@ -40,6 +41,7 @@ class Quantizing(Compressor):
         return {"bits": self.bits, "groupsize": self.groupsize, "sym": self.sym}
 
 
+@register_compressor("rtn")
 @dataclass
 class RTN(Quantizing):
     """Round every weight to the nearest level of its group's min-max grid; no calibration."""
@@ -55,13 +57,14 @@ class RTN(Quantizing):
         return self._figures(name, record(spec, scale, zero, g_idx))
 
 
+@register_compressor("gptq")
 @dataclass
 class GPTQ(HessianSolver, Quantizing):
     actorder: bool = False  # process columns by decreasing diag H (most active inputs first)
     static_groups: bool = False  # fit group grids before the sweep on unpermuted columns (act-order keeps groups)
 
     def compress(self, name: str, module: nn.Linear, statistic: Hessian) -> dict[str, Any]:
-        prepared = prepare(statistic, module.weight, self.percdamp, name, actorder=self.actorder)
+        prepared = factorize(statistic, module.weight, self.percdamp, name, actorder=self.actorder)
         quantizer = ColumnQuantizer(self.spec.for_weight(module.weight), prepared.weight, self.blocksize, prepared.perm,
                                     self.static_groups)
         weight = sweep(prepared.weight, prepared.hinv, self.blocksize, quantizer)

@@ -9,7 +9,7 @@ Mask selection (score w²/[H⁻¹]ᶜ_jj², the Cholesky diagonal, on the weight
   rows·blocksize·sparsity is an integer, has the exact target sparsity;
 - N:M: every m columns, when the sweep reaches them, the n lowest of each row (n zeros in every m).
 
-Joint quantization uses the GPTQ grid (mbs/compress/quantizer.py); the reference fits one grid per row only, groups
+Joint quantization uses the GPTQ grid (mbs/compress/grid.py); the reference fits one grid per row only, groups
 (``groupsize``) are fitted as the reference GPTQ fits them.
 """
 from __future__ import annotations
@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbs.compress.hessian import HessianSolver, prepare, sweep
+from mbs.compress.hessian import HessianSolver, factorize, sweep
 from mbs.compress.masks import lowest_n_of_m, lowest_overall
 from mbs.compress.pruning import Pruner
-from mbs.compress.quantizer import ColumnQuantizer, QuantSpec
+from mbs.compress.grid import ColumnQuantizer, QuantSpec
+from mbs.compress.registry import register_compressor
 from mbs.compress.statistics import Hessian
 
 
+@register_compressor("sparsegpt")
 @dataclass
 class SparseGPT(HessianSolver, Pruner):
     bits: int = 16  # 16: no quantization; 2-8: quantize the kept weights in the same pass
@@ -53,7 +55,7 @@ class SparseGPT(HessianSolver, Pruner):
         self.spec.check_width(name, module.in_features)
 
     def compress(self, name: str, module: nn.Linear, statistic: Hessian) -> dict[str, Any]:
-        prepared = prepare(statistic, module.weight, self.percdamp, name)
+        prepared = factorize(statistic, module.weight, self.percdamp, name)
         weight, diag = prepared.weight, prepared.hinv.diagonal()
         pruned = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.bool, device=weight.device)  # [col, row]
         quantizer = ColumnQuantizer(self.spec.for_weight(module.weight), weight, self.blocksize) if self.spec.enabled else None

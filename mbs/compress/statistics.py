@@ -1,7 +1,11 @@
 """Statistics of Linear inputs that compressors share (kept fp32; addressable by language and layer in the engine)."""
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
+
+S = TypeVar("S", bound="TokenSum")
 
 
 class TokenSum:
@@ -10,6 +14,15 @@ class TokenSum:
     def __init__(self, shape: tuple[int, ...], device: torch.device | str) -> None:
         self.sum = torch.zeros(shape, dtype=torch.float32, device=device)
         self.tokens = 0
+
+    @classmethod
+    def from_sum(cls: type[S], total: torch.Tensor, tokens: int) -> S:
+        """The statistic of ``tokens`` tokens whose sum is ``total`` (computed elsewhere, e.g. kept on disk): merge it
+        into a compressor's own statistic to hand that the sum."""
+        statistic = cls.__new__(cls)
+        statistic.sum = total.to(torch.float32)
+        statistic.tokens = tokens
+        return statistic
 
     def merge(self, other: "TokenSum") -> None:
         self.sum += other.sum.to(self.sum.device)
@@ -36,8 +49,7 @@ class Hessian(TokenSum):
 
     The unscaled sum and the token count are kept apart, so merging statistics of different languages (different n)
     is exact: sums add, counts add, and the 2/n scale is applied once, at the end. H is symmetric, so only the blocks
-    on and above the diagonal are accumulated (about 0.6 of the products for the widths of real models; ~1.5x faster
-    here); ``matrix`` mirrors the upper triangle, so the matrix handed out is exactly symmetric.
+    on and above the diagonal are accumulated (fewer products); ``matrix`` mirrors the upper triangle, so the matrix handed out is exactly symmetric.
     """
 
     BLOCK = 128  # rows of the upper-triangular band computed per product

@@ -16,36 +16,11 @@ from pathlib import Path
 
 import torch
 
-from mbs.cache import Cache, file_digest
+from mbs.cache import Cache
+from mbs.fingerprint import corpus_fingerprint, tokenizer_fingerprint
 
 VERSION = 2  # bump when token_stream() changes what it produces
 FILE = "ids.safetensors"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's full serialisation (vocab, merges, normaliser), computed once per tokenizer object."""
-    cached = getattr(tokenizer, "_mbs_fingerprint", None)
-    if cached:
-        return cached
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        blob = backend.to_str()
-    else:  # slow tokenizers: the vocabulary and class identify them
-        blob = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())], ensure_ascii=False)
-    fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:24]
-    try:
-        tokenizer._mbs_fingerprint = fingerprint
-    except AttributeError:
-        pass
-    return fingerprint
-
-
-def corpus_fingerprint(corpus, language: str, split: str) -> dict:
-    """The corpus config, plus the size and content digest of any local file the text comes from."""
-    config = dataclasses.asdict(corpus) if dataclasses.is_dataclass(corpus) else {"repr": repr(corpus)}
-    files = getattr(corpus, "source_files", None)
-    stats = [[str(p), p.stat().st_size, file_digest(p)] for p in files(language, split)] if files else []
-    return {"class": type(corpus).__name__, "config": config, "files": stats}
 
 
 def stream_key(tokenizer, corpus, language: str, split: str) -> str:

@@ -28,6 +28,10 @@ class Corpus(Protocol):
     def texts(self, language: str, split: str) -> list[str]:
         """Documents of one language and split, in a stable order."""
 
+    def source_files(self, language: str, split: str) -> list[Path]:
+        """The local files a language and split are read from (none for remote text): they key the token cache and
+        the experiment id (mbs/fingerprint.py), whatever config key names them."""
+
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
@@ -94,6 +98,9 @@ class UDHRCorpus:
 
     def languages(self) -> list[str]:
         return [c for c, lang in LANGUAGES.items() if lang.udhr and (self.root / f"udhr_{lang.udhr}.xml").exists()]
+
+    def source_files(self, language: str, split: str) -> list[Path]:
+        return [self.root / f"udhr_{get_language(language).udhr}.xml"]
 
     def texts(self, language: str, split: str) -> list[str]:
         check_split(split)

@@ -157,6 +157,11 @@ class Adapter:
                 out.update(expert_views(module, name))
         return out
 
+    def expert_tokens(self, module: LinearLike, statistic: Any) -> int | None:
+        """How many calibration tokens the router sent to ``module`` (its statistic's count) when it is one expert's
+        matrix; None for any other matrix (every token reaches it)."""
+        return getattr(statistic, "tokens", None) if isinstance(module, ExpertView) else None
+
     def routed(self, layer: nn.Module) -> bool:
         """True when the layer routes tokens to experts: which matrices run then depends on the batch."""
         return any(name.rpartition(".")[2] == "experts" for name, _ in layer.named_modules())

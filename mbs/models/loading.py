@@ -3,9 +3,7 @@ directory, or a tiny randomly initialised model built from a transformers config
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -186,10 +184,3 @@ def _convert(spec: ModelSpec, dtype: torch.dtype, directory: Path) -> nn.Module:
     model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name).save_pretrained(directory)
     return model
-
-
-def spec_fingerprint(spec: ModelSpec) -> str:
-    """Identifies the weights and tokenizer (for caches keyed by model)."""
-    key = json.dumps([spec.source, spec.path, spec.revision, spec.gguf_package, spec.gguf_file, spec.tiny_arch,
-                      spec.tiny_config, spec.dtype], sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -5,7 +5,7 @@
 when asymmetric, ``weight_shape``) and ``config.json`` gets the ``quantization_config`` that transformers (with the
 ``compressed-tensors`` package) and vLLM read. Our grid is that format's grid: q ∈ [0, 2^b−1] with zero point z is
 its signed q−2^(b−1) with zero point z−2^(b−1); a symmetric grid has z = 2^(b−1), i.e. its zero point 0 (not stored);
-scales are fitted in the model dtype (mbs/compress/quantizer.py). Every module is decompressed again before writing
+scales are fitted in the model dtype (mbs/compress/grid.py). Every module is decompressed again before writing
 and must give back the in-memory weight bit for bit, so the reloaded model computes what was evaluated.
 
 What stays dense: embeddings and the LM head (never compressed), norms, biases, and pruned weights. compressed-tensors

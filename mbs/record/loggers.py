@@ -7,6 +7,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mbs.analyze.similarity_plots import model_label, wandb_media
+from mbs.record.frame import result_rows
+from mbs.record.results import RunResult, by_training_share, is_low_resource
+
 log = logging.getLogger(__name__)
 
 
@@ -15,7 +19,7 @@ class NoLogger:
     def start(self, config: dict[str, Any], directory: str, name: str | None = None) -> "NoLogger":
         return self
 
-    def log_results(self, results: dict[str, Any]) -> None:
+    def log_results(self, results: RunResult) -> None:
         pass
 
     def finish(self, failed: bool = False) -> None:
@@ -49,7 +53,7 @@ class WandbLogger:
                                name=self.name or name, config=config, dir=directory, reinit="create_new")
         return self
 
-    def log_results(self, results: dict[str, Any]) -> None:
+    def log_results(self, results: RunResult) -> None:
         """The per-language table (ordered by training share, shares in percent) and a bar chart of it, the report's
         degradation figure titled with the run, per-language summary values (``dense_ppl/<lang>``,
         ``compressed_ppl/<lang>``, ``ratio/<lang>``, ``dense_bpb/<lang>``, ``compressed_bpb/<lang>``,
@@ -57,11 +61,10 @@ class WandbLogger:
         artifact. The resolved config went in at start."""
         import wandb
 
-        from mbs.record.results import by_training_share, is_low_resource
 
-        s = results["summary"]
-        rows = by_training_share(results["languages"])
-        segments = results["calibration"]["segments"]
+        s = results.summary
+        rows = by_training_share(results.languages)
+        segments = results.calibration["segments"]
         columns = ["language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "dense_bpb",
                    "compressed_bpb", "tokens", "bytes", "low_resource", "calibration_segments"]
         table = wandb.Table(columns=columns, data=[
@@ -78,44 +81,44 @@ class WandbLogger:
         image = self._degradation_image(results)
         if image is not None:
             logged["degradation_plot"] = image
-        if results.get("similarity"):
+        if results.similarity:
             try:
-                from mbs.analyze.similarity import model_label, wandb_media
 
-                logged.update(wandb_media(results["similarity"], model_label(results)))
+                logged.update(wandb_media(results.similarity, model_label(results)))
             except Exception as err:  # noqa: BLE001 - as above
                 log.warning("W&B language similarity not logged: %s", err)
-        zeroshot = (results.get("zeroshot") or {}).get("results", [])
+        zeroshot = (results.zeroshot or {}).get("results", [])
         if zeroshot:  # lm-eval accuracy per task and metric, dense vs compressed (mbs/evaluate/zeroshot.py)
             logged["zeroshot"] = wandb.Table(columns=list(zeroshot[0]), data=[list(r.values()) for r in zeroshot])
         self._run.log(logged)
         summary: dict[str, Any] = {f"summary/{k}": v for k, v in s.items() if not isinstance(v, list)}
         summary["summary/low_resource_languages"] = ",".join(s.get("low_resource_languages", []))
-        summary["experiment_id"] = results.get("experiment_id")
-        summary["sparsity/overall"] = results["compression"]["sparsity"]
-        summary.update({f"timing/{k}": v for k, v in results["timings"].items()})
+        summary["experiment_id"] = results.experiment_id
+        summary["sparsity/overall"] = results.compression["sparsity"]
+        summary.update({f"timing/{k}": v for k, v in results.timings.items()})
         for r in rows:
             for metric in ("dense_ppl", "compressed_ppl", "ratio", "log_ratio", "dense_bpb", "compressed_bpb"):
                 if r.get(metric) is not None:
                     summary[f"{metric}/{r['language']}"] = r[metric]
         summary.update({f"calibration_segments/{k}": v for k, v in segments.items()})
-        summary["calibration_segments/total"] = results["calibration"]["total"]
+        summary["calibration_segments/total"] = results.calibration["total"]
         summary.update({f"zeroshot/{r['task']}/{r['metric']}/{k}": r[k] for r in zeroshot
                         for k in ("dense", "compressed", "difference")})
         for key, value in summary.items():
             self._run.summary[key] = value
         self._log_artifact(results)
 
-    def _degradation_image(self, results: dict[str, Any]) -> Any:
+    def _degradation_image(self, results: RunResult) -> Any:
         """The report's figure for this one run (W&B's own bar plot may re-sort bars), captioned with the run name."""
         import wandb
 
         try:
-            from mbs.record.report import aggregate, frame, plot_degradation
-            from mbs.sweep import Job
+            import pandas as pd
 
-            name = self._run.name or results["compression"]["method"]
-            agg = aggregate(frame([Job([], "done", results=results)])).assign(condition=name)
+            from mbs.record.report import aggregate, plot_degradation  # pandas and matplotlib: only when logging
+
+            name = self._run.name or results.compression["method"]
+            agg = aggregate(pd.DataFrame(result_rows(results, name, results.experiment_id or name)))
             fig = plot_degradation(agg, title=name)
             image = wandb.Image(fig, caption=name)
             import matplotlib.pyplot as plt
@@ -126,17 +129,17 @@ class WandbLogger:
             log.warning("W&B degradation image not logged: %s", err)
             return None
 
-    def _log_artifact(self, results: dict[str, Any]) -> None:
+    def _log_artifact(self, results: RunResult) -> None:
         """results.json (from the dict, so it does not depend on when the file is written) as a versioned artifact
         named after the experiment id: re-runs of the same experiment become versions of one artifact."""
         import json
 
         import wandb
 
-        artifact = wandb.Artifact(f"results-{results.get('experiment_id') or self._run.id}", type="results",
-                                  metadata={"name": self._run.name, **results.get("run", {}).get("choices", {})})
+        artifact = wandb.Artifact(f"results-{results.experiment_id or self._run.id}", type="results",
+                                  metadata={"name": self._run.name, **results.run.get("choices", {})})
         with artifact.new_file("results.json", mode="w", encoding="utf-8") as f:
-            f.write(json.dumps(results, indent=2, default=str))
+            f.write(json.dumps(results.to_json(), indent=2, default=str))
         self._run.log_artifact(artifact)
 
     def finish(self, failed: bool = False) -> None:

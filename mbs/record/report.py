@@ -1,7 +1,7 @@
 """A sweep's results in one place: every job's results.json → a per-language table (rows: languages with their training
 share; columns: conditions; seeds as mean ± 95% CI, t-distribution) in Markdown and CSV, and plots.
 
-A *condition* is a job's overrides minus its seed and minus keys that do not change results (mbs.sweep.NON_RESULT_KEYS),
+A *condition* is a job's overrides minus its seed and minus keys that do not change results (mbs.fingerprint.NON_RESULT_KEYS),
 labelled by the overrides that differ between jobs. Works on a partial sweep: it says which jobs are missing or failed.
 Every step is a function (collect → frame → aggregate → tables/plots) so notebooks can reuse them.
 """
@@ -17,86 +17,12 @@ import pandas as pd
 from mbs.atomic import atomic_write
 from mbs.record.figures import save_figure
 from mbs.record.results import LOW_RESOURCE_SHARE, format_share
-from mbs.sweep import NON_RESULT_KEYS, Job, collect_jobs, format_status
+from mbs.analyze.retention import plot_share, retention_frame_of
+from mbs.record.frame import ci95, conditions, frame
+from mbs.record.jobs import Job, collect_jobs, format_status
+from mbs.record.zeroshot_table import zeroshot_section
 
-SEED_KEYS = ("seed",)
 METRICS = ("dense_ppl", "compressed_ppl", "ratio", "log_ratio", "retention")
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def _counts_for_condition(override: str) -> bool:
-    key = _key(override)
-    return key not in SEED_KEYS and not any(key == k or key.startswith(k + ".") or key.startswith(k + "/")
-                                            for k in NON_RESULT_KEYS)
-
-
-def conditions(jobs: list[Job]) -> dict[int, str]:
-    """Label of each job (by index): its condition-relevant overrides that are not shared by every job."""
-    kept = [[o for o in job.overrides if _counts_for_condition(o)] for job in jobs]
-    common = set.intersection(*(set(k) for k in kept)) if kept else set()
-    return {i: " ".join(o for o in k if o not in common) or "all" for i, k in enumerate(kept)}
-
-
-def _describe(res: dict[str, Any]) -> dict[str, str]:
-    """Model, method (``wanda 0.5``) and sampler of one run, for figure titles; older results lack ``run``."""
-    from mbs.record.identity import describe_compressor
-
-    run = res.get("run") or {}
-    choices = run.get("choices") or {}
-    config = res.get("config") or {}
-    method = choices.get("compressor") or res.get("compression", {}).get("method", "")
-    method = describe_compressor(method, config.get("compressor") or {}) if method else ""
-    gguf = (config.get("model") or {}).get("source") == "gguf_package"
-    return {"model": (res.get("model") or {}).get("name", ""), "method": method, "sampler": choices.get("sampler", ""),
-            "dense_weights": "de-quantized GGUF" if gguf else ""}
-
-
-def result_key(job: Job) -> str:
-    """What identifies a job's result (a result reached by two jobs, e.g. a resumed one, has one key)."""
-    return job.results.get("experiment_id") or str(job.results_path)
-
-
-def _float(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def frame(jobs: list[Job]) -> pd.DataFrame:
-    """One row per finished job and language (a result reached by two jobs, e.g. a resumed one, counts once).
-    ``training_share_pct``: the language's share of the model's whole training distribution, in percent.
-    ``dense_bpb``/``compressed_bpb``: bits per byte (NaN for results written before they were recorded)."""
-    labels = conditions(jobs)
-    rows, seen = [], set()
-    for i, job in enumerate(jobs):
-        if job.results is None:
-            continue
-        res = job.results
-        key = result_key(job)
-        if key in seen:
-            continue
-        seen.add(key)
-        described = _describe(res)
-        for r in res["languages"]:
-            share = r.get("training_share")
-            rows.append({"condition": labels[i], "seed": res["config"].get("seed"), "experiment_id": key,
-                         "language": r["language"], "training_share": share,
-                         "training_share_pct": math.nan if share is None else 100 * share,
-                         "dense_ppl": r["dense_ppl"], "compressed_ppl": r["compressed_ppl"], "ratio": r["ratio"],
-                         "log_ratio": r["log_ratio"], "retention": r["dense_ppl"] / r["compressed_ppl"],
-                         "dense_bpb": _float(r.get("dense_bpb")), "compressed_bpb": _float(r.get("compressed_bpb")),
-                         "sparsity": res["compression"]["sparsity"], **described})
-    return pd.DataFrame(rows)
-
-
-def ci95(values: pd.Series) -> float:
-    """Half-width of the 95% confidence interval of the mean (Student t, n-1 dof); NaN for one value."""
-    from scipy.stats import t
-
-    n = int(values.count())
-    return float(t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-
 
 def language_order(agg: pd.DataFrame) -> list[str]:
     """Languages by training share, largest first; languages with no stated share last."""
@@ -367,8 +293,6 @@ def _degradation_heatmap(agg: pd.DataFrame, conds: list[str], title: str, low_re
 def plot_retention(df: pd.DataFrame, path: Path) -> None:
     """Retention (−log ppl ratio) against the absolute training share, one point per job and language: the share
     scatter of ``mbs.analyze`` (one piece of code for both; languages with no share are left out and named)."""
-    from mbs.analyze.retention import plot_share, retention_frame_of
-
     plot_share(retention_frame_of(df), path)
 
 
@@ -402,8 +326,6 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
           "Ratio: compressed / dense perplexity; log ratio: its natural log; geometric-mean ratio: exp of the mean "
           "log ratio over languages.\n\n"
           + markdown(agg, summ, low_resource_share))
-    from mbs.record.zeroshot_table import zeroshot_section
-
     zeroshot = zeroshot_section(jobs, conditions(jobs))  # its own section, only when jobs ran eval.tasks
     md += zeroshot[0] if zeroshot else ""
     files = [out / "report.md", out / "report.csv", out / "report_long.csv", out / "summary.csv",

@@ -1,4 +1,5 @@
-"""The results of one run: a schema, atomic writes, and the per-language table.
+"""The results of one run: the typed result (:class:`RunResult`, written as results.json), atomic writes, and the
+per-language table.
 
 Shares: every row carries ``training_share``, the language's share of the model's *whole* training distribution
 (a fraction in results.json; None when the distribution does not name the language). It does not depend on which
@@ -12,13 +13,16 @@ are."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mbs.atomic import atomic_write_all
+from mbs.evaluate.zeroshot import to_markdown as zeroshot_markdown
 
 COLUMNS = ("language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "dense_bpb",
            "compressed_bpb", "tokens", "bytes")
@@ -26,6 +30,53 @@ COLUMNS = ("language", "training_share_pct", "dense_ppl", "compressed_ppl", "rat
 # the MBS paper's 20 languages into 8 above (en … id, the lowest at 1.38%) and 12 below (hi at 0.81% … ig), with
 # no language within 0.19 points of the line.
 LOW_RESOURCE_SHARE = 0.01
+
+
+@dataclass
+class RunResult:
+    """What one run produced; results.json is :meth:`to_json` (the same keys as before this class existed, so files
+    written earlier read back with :meth:`from_json`). The pipeline fills it; the console table, the loggers, the
+    sweep report and the analysis read it by attribute."""
+
+    experiment_id: str = ""  # resume key (mbs/fingerprint.py)
+    run: dict[str, Any] = field(default_factory=dict)  # name, chosen option of each config group, schema classes
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config
+    model: dict[str, Any] = field(default_factory=dict)  # name, parameters, training-language distribution
+    calibration: dict[str, Any] = field(default_factory=dict)  # segments per language, seqlen, total
+    languages: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluated language (language_rows)
+    summary: dict[str, Any] = field(default_factory=dict)  # over languages (summary())
+    compression: dict[str, Any] = field(default_factory=dict)  # method, sparsity, per-layer records, mode
+    similarity: dict[str, Any] | None = None  # language similarity (mbs/analyze/similarity.py), None when off
+    dense_baseline: dict[str, Any] = field(default_factory=dict)  # cached or computed, and the cache entries
+    timings: dict[str, float] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)  # what changes numbers outside the config
+    similarity_skipped: str | None = None  # why analysis.layers asked for a similarity that cannot be formed
+    zeroshot: dict[str, Any] | None = None  # lm-eval accuracies, dense vs compressed, when eval.tasks ran
+    export: dict[str, Any] | None = None  # the written checkpoint, when save_model=true
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of a results.json this class does not know
+
+    OPTIONAL = ("similarity_skipped", "zeroshot", "export")  # left out of results.json when None
+
+    @property
+    def name(self) -> str:
+        return self.run.get("name") or f"{self.model.get('name', '')} · {self.compression.get('method', '')}"
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        for key in self.OPTIONAL:
+            if out[key] is None:
+                del out[key]
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunResult":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunResult":
+        return cls.from_json(json.loads(Path(path).read_text()))
 
 
 def format_share(fraction: float | None) -> str:
@@ -112,9 +163,31 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def write_results(directory: Path, results: dict[str, Any]) -> None:
+def write_results(directory: Path, result: RunResult) -> None:
     """results.csv, .md and .json, together or not at all (results.json, which marks a finished run, renamed last)."""
     directory = Path(directory)
-    atomic_write_all({directory / "results.csv": to_csv(results["languages"]),
-                      directory / "results.md": to_markdown(results["languages"]),
-                      directory / "results.json": json.dumps(results, indent=2, default=str)})
+    atomic_write_all({directory / "results.csv": to_csv(result.languages),
+                      directory / "results.md": to_markdown(result.languages),
+                      directory / "results.json": json.dumps(result.to_json(), indent=2, default=str)})
+
+
+def format_table(result: RunResult) -> str:
+    """The console summary: what ran, the geometric-mean ratio over languages (and over low-resource ones), and the
+    per-language table ordered by training share."""
+    s, compression = result.summary, result.compression
+    head = (f"{result.name} · achieved sparsity {compression['sparsity']:.4f} · "
+            f"geometric-mean ratio ×{s['geomean_ratio']:.3f} (mean log ratio {s['mean_log_ratio']:.3f}, "
+            f"median {s['median_log_ratio']:.3f})")
+    if s.get("low_resource_geomean_ratio") is not None:
+        head += (f" · low-resource (training share < {format_share(s['low_resource_share'])}%: "
+                 f"{len(s['low_resource_languages'])} languages) ×{s['low_resource_geomean_ratio']:.3f}")
+    head += f" · {result.timings['total_s']:.1f}s"
+    if result.model.get("distribution_is_proxy"):
+        head += f"\ntraining shares: {result.model['distribution_source']}"
+    model_config = result.config.get("model", {})
+    if model_config.get("source") == "gguf_package":
+        head += f"\ndense = the de-quantized weights of {model_config.get('gguf_file')}"
+    table = head + "\n" + to_markdown(result.languages)
+    if result.zeroshot:
+        table += "\nZero-shot accuracy (lm-eval):\n" + zeroshot_markdown(result.zeroshot["results"])
+    return table

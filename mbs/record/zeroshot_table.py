@@ -6,8 +6,8 @@ import math
 
 import pandas as pd
 
-from mbs.record.report import ci95
-from mbs.sweep import Job
+from mbs.record.frame import ci95
+from mbs.record.jobs import Job
 
 
 def zeroshot_frame(jobs: list[Job], labels: dict[int, str]) -> pd.DataFrame:
@@ -15,13 +15,13 @@ def zeroshot_frame(jobs: list[Job], labels: dict[int, str]) -> pd.DataFrame:
     rows, seen = [], set()
     for i, job in enumerate(jobs):
         res = job.results
-        if res is None or not res.get("zeroshot"):
+        if res is None or not res.zeroshot:
             continue
-        key = res.get("experiment_id") or str(job.results_path)
+        key = res.experiment_id or str(job.results_path)
         if key in seen:
             continue
         seen.add(key)
-        for r in res["zeroshot"]["results"]:
+        for r in res.zeroshot["results"]:
             rows.append({"condition": labels[i], "experiment_id": key, **r})
     return pd.DataFrame(rows)
 

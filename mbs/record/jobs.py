@@ -1,0 +1,135 @@
+"""Reading a sweep directory: which jobs a sweep was launched with, what each job directory holds (done, skipped,
+failed, incomplete, missing) and where a finished experiment's results are. What the report, the analysis and the
+sweep runner all read; it runs nothing."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mbs.record.results import RunResult
+
+RESULTS, FAILURE, SKIPPED = "results.json", "failure.json", "skipped.json"
+
+
+def find_results(root: str | Path, exp_id: str) -> Path | None:
+    """The first results.json below root whose experiment_id is exp_id (unreadable files, and results of a job that
+    then failed, e.g. while logging, are passed over)."""
+    for path in sorted(Path(root).rglob(RESULTS)):
+        if (path.parent / FAILURE).exists():
+            continue
+        try:
+            if json.loads(path.read_text()).get("experiment_id") == exp_id:
+                return path
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+# ---- the job list of a sweep (the grids sweeper launches it; the report checks a sweep directory against it) ----
+
+def expand(params: dict[str, str] | None, grids: list[dict[str, str]] | None, arguments: Iterable[str]) -> list[list[str]]:
+    """Every job's overrides: for each grid (none: one empty grid), the cartesian product of params, the grid and the
+    command-line arguments, as Hydra's basic sweeper builds it (a later key replaces an earlier one: command line
+    over grid over params). Jobs repeated by two grids run once."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    jobs: list[list[str]] = []
+    seen: set[tuple[str, ...]] = set()
+    for grid in grids or [{}]:
+        merged = {**(params or {}), **grid}
+        strings = [f"{k}={v}" for k, v in merged.items()] + list(arguments)
+        for job in BasicSweeper.split_arguments(parser.parse_overrides(strings), None)[0]:
+            if tuple(job) not in seen:
+                seen.add(tuple(job))
+                jobs.append(job)
+    return jobs
+
+
+def planned_jobs(sweep_dir: str | Path) -> list[list[str]] | None:
+    """The jobs a sweep directory was launched with (from the multirun.yaml Hydra writes at the start), or None."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.exists():
+        return None
+    cfg = OmegaConf.load(path)
+    sweeper = cfg.hydra.sweeper
+    params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else None
+    grids = OmegaConf.to_container(sweeper.grids, resolve=False) if sweeper.get("grids") else None
+    return expand(params, grids, OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False))
+
+
+# ---- the state of each job in a sweep directory ----
+
+@dataclass
+class Job:
+    overrides: list[str]
+    status: str  # done | skipped | failed | incomplete (started, no outcome: running or killed) | missing
+    directory: Path | None = None
+    results_path: Path | None = None
+    error: str = ""
+    experiment_id: str = ""
+    results: RunResult | None = field(default=None, repr=False)
+    planned: bool = True  # in the plan of the latest launch into this directory
+
+
+def _job_from_dir(directory: Path) -> Job:
+    overrides = list(OmegaConf.load(directory / ".hydra" / "overrides.yaml"))
+    if (directory / RESULTS).exists() and not (directory / FAILURE).exists():
+        results = RunResult.read(directory / RESULTS)
+        return Job(overrides, "done", directory, directory / RESULTS, experiment_id=results.experiment_id,
+                   results=results)
+    if (directory / SKIPPED).exists():
+        marker = json.loads((directory / SKIPPED).read_text())
+        path = Path(marker["results"])
+        path = path if path.is_absolute() else directory / path
+        if path.exists():
+            return Job(overrides, "skipped", directory, path, experiment_id=marker["experiment_id"],
+                       results=RunResult.read(path))
+    if (directory / FAILURE).exists():
+        failure = json.loads((directory / FAILURE).read_text())
+        err = failure["error"]
+        return Job(overrides, "failed", directory, error=f"{err['type']}: {err['message']}",
+                   experiment_id=failure.get("experiment_id", ""))
+    return Job(overrides, "incomplete", directory)
+
+
+def collect_jobs(sweep_dir: str | Path) -> list[Job]:
+    """Every job of a sweep directory, planned or found, with its status. A planned job with no directory is
+    'missing'; job directories not in the plan (from an earlier, different launch into the same directory) are kept."""
+    sweep_dir = Path(sweep_dir)
+    found: dict[tuple[str, ...], Job] = {}
+    for marker in sorted(sweep_dir.rglob(".hydra/overrides.yaml"), key=lambda p: (p.stat().st_mtime, str(p))):
+        directory = marker.parent.parent
+        if directory == sweep_dir:
+            continue
+        job = _job_from_dir(directory)
+        key = tuple(job.overrides)
+        if key not in found or job.status in ("done", "skipped") or found[key].status not in ("done", "skipped"):
+            found[key] = job  # the latest attempt wins unless an earlier one succeeded
+    plan = planned_jobs(sweep_dir) or []
+    jobs = [found.pop(tuple(o), None) or Job(list(o), "missing") for o in plan]
+    extra = list(found.values())
+    for job in extra:
+        job.planned = not plan
+    return jobs + extra
+
+
+def format_status(jobs: list[Job], sweep_dir: str | Path) -> tuple[str, bool]:
+    """A one-paragraph summary of a sweep and whether every planned job finished."""
+    count = {s: sum(j.status == s for j in jobs if j.planned)
+             for s in ("done", "skipped", "failed", "incomplete", "missing")}
+    lines = [f"mbs: sweep {sweep_dir}: {len(jobs)} jobs: " + ", ".join(f"{v} {k}" for k, v in count.items() if v)]
+    extra = sum(not j.planned for j in jobs)
+    if extra:
+        lines[0] += f" (and {extra} earlier jobs not in this plan)"
+    for job in jobs:
+        if job.planned and job.status in ("failed", "incomplete", "missing"):
+            where = f" ({job.directory})" if job.directory else ""
+            lines.append(f"  {job.status}: {' '.join(job.overrides) or '(no overrides)'}{where}"
+                         + (f": {job.error}" if job.error else ""))
+    return "\n".join(lines), count["failed"] + count["incomplete"] + count["missing"] == 0
