@@ -4,7 +4,7 @@ before the model is loaded."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -68,6 +68,8 @@ class RunConfig:
     # results and statistics (mbs/evaluate/baseline.py, mbs/compress/cached.py)
     save_model: bool = False  # write the compressed model (safetensors + config + tokenizer) to <run dir>/model
     save_format: str = "compressed-tensors"  # or dense (mbs/record/export.py)
+    # tokens per calibration segment; None: model.seqlen, shortened when the calibration text cannot hold one
+    calibration_seqlen: Optional[int] = None
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -114,6 +116,7 @@ class Run:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     save_format: str = "compressed-tensors"
     force: bool = False
+    calibration_seqlen: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
@@ -127,4 +130,5 @@ def build(cfg: DictConfig) -> Run:
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
-               save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)))
+               save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)),
+               calibration_seqlen=cfg.get("calibration_seqlen"))

@@ -25,7 +25,7 @@ from mbs.compress.engine import (CompressionReport, PipelineContext, check_devic
 from mbs.compress.registry import PIPELINES
 from mbs.config import Run, build
 from mbs.data.cache import TokenCache
-from mbs.data.calibration import CalibrationSet, SegmentSource
+from mbs.data.calibration import CalibrationSet, CalibrationText, SegmentSource, calibration_text
 from mbs.data.corpora import UDHRCorpus, check_available
 from mbs.data.distributions import estimate_from_tokenizer
 from mbs.data.sampling import absolute_shares
@@ -101,6 +101,7 @@ class Prepared:
     source: SegmentSource | None = None  # any number of each language's calibration segments (engine.mode=cached)
     window_bytes: dict[str, list[int]] = field(default_factory=dict)  # per language and window: bytes predicted
     similarity_skipped: str | None = None  # why analysis.layers asked for a similarity that cannot be formed
+    calibration_text: CalibrationText | None = None  # segment length and text per language vs what is drawn
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -130,25 +131,49 @@ def prepare(cfg: DictConfig) -> Prepared:
         zeroshot = prepare_zeroshot(run.eval.tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
                                     run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
-        tokenizer = tokenizer or load_tokenizer(spec)
-        cache = TokenCache(model_cache(spec).root / "tokens")
-        calibration = calibration_mixture(tokenizer, run.data, spec.distribution, run.sampler, seqlen=spec.seqlen,
-                                          seed=run.seed, prepend_bos=spec.prepend_bos, cache=cache)
-        windows = evaluation_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, seqlen=spec.seqlen,
-                                     prepend_bos=spec.prepend_bos, max_windows=run.eval.max_windows or None,
-                                     cache=cache)
-        nbytes = window_bytes(tokenizer, windows, spec.prepend_bos)
-        probe = None
-        if analysis_layers:
-            languages = similarity.probe_languages(run.eval.languages, counts, run.data.languages())
-            probe = similarity.build_probe(tokenizer, run.data, languages, run.analysis, spec.seqlen,
-                                           spec.prepend_bos, cache=cache)
+        data = prepare_data(run, counts, tokenizer or load_tokenizer(spec), analysis_layers)
     except ValueError as err:
         raise UserError(str(err)) from err
-    log.info("calibration: %d segments x %d tokens: %s", calibration.total, spec.seqlen, counts)
-    source = SegmentSource(tokenizer, run.data, spec.seqlen, run.seed, spec.prepend_bos, cache)
-    return Prepared(run, counts, tokenizer, calibration, windows, probe, analysis_layers,
-                    {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, source, nbytes, similarity_skipped)
+    return Prepared(run, counts, data.tokenizer, data.calibration, data.windows, data.probe, analysis_layers,
+                    {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, data.source, data.window_bytes,
+                    similarity_skipped, data.text)
+
+
+@dataclass
+class RunData:
+    tokenizer: Any
+    text: CalibrationText
+    calibration: CalibrationSet
+    windows: dict[str, list[torch.Tensor]]
+    window_bytes: dict[str, list[int]]
+    probe: CalibrationSet | None
+    source: SegmentSource
+
+
+def prepare_data(run: Run, counts: dict[str, int], tokenizer: Any, analysis_layers: list[int]) -> RunData:
+    """The tokenized data: calibration segments (of a length the calibration text can hold: calibration_text),
+    evaluation windows with their bytes, the similarity probe; says which languages' calibration repeats itself."""
+    spec = run.model
+    cache = TokenCache(model_cache(spec).root / "tokens")
+    probed = similarity.probe_languages(run.eval.languages, counts, run.data.languages()) if analysis_layers else []
+    text = calibration_text(tokenizer, run.data, counts, spec.seqlen, spec.prepend_bos, run.calibration_seqlen,
+                            probed, cache)
+    if text.reason:
+        log.warning("calibration segments shortened: %s", text.reason)
+    calibration = calibration_mixture(tokenizer, run.data, spec.distribution, run.sampler, seqlen=text.seqlen,
+                                      seed=run.seed, prepend_bos=spec.prepend_bos, cache=cache)
+    windows = evaluation_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, seqlen=spec.seqlen,
+                                 prepend_bos=spec.prepend_bos, max_windows=run.eval.max_windows or None, cache=cache)
+    probe = None
+    if analysis_layers:
+        probe = similarity.build_probe(tokenizer, run.data, probed, run.analysis, text.seqlen, spec.prepend_bos,
+                                       cache=cache)
+    log.info("calibration: %d segments x %d tokens: %s", calibration.total, text.seqlen, counts)
+    if text.warning():
+        log.warning(text.warning())
+    source = SegmentSource(tokenizer, run.data, text.seqlen, run.seed, spec.prepend_bos, cache)
+    return RunData(tokenizer, text, calibration, windows, window_bytes(tokenizer, windows, spec.prepend_bos), probe,
+                   source)
 
 
 @contextmanager
@@ -224,7 +249,7 @@ def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list
                "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy,
                "distribution": absolute_shares(spec.distribution)},
         calibration={"segments": {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()},
-                     "seqlen": spec.seqlen, "total": prepared.calibration.total},
+                     "total": prepared.calibration.total, **prepared.calibration_text.record()},
         languages=rows,
         summary=summary(rows, run.eval.low_resource_share),
         compression={"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,

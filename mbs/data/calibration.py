@@ -13,6 +13,8 @@ from mbs.data.cache import TokenCache, stream_key
 from mbs.data.corpora import Corpus
 
 ALL_LANGUAGES = "all"  # the label of a batch, or a statistic, that mixes languages
+REPEAT_WARNING = 4.0  # a language whose segments draw more than this many tokens per token of its text is named
+MIN_SEQLEN = 8
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -249,3 +251,62 @@ def build_eval_windows(tokenizer, corpus: Corpus, languages: list[str], seqlen: 
         if not windows[language]:
             raise ValueError(f"language {language!r} has no {split} text in corpus {corpus.name!r}")
     return windows
+
+
+@dataclass
+class CalibrationText:
+    """How long calibration segments are, and how much text each language has against how much its segments draw:
+    a small corpus (the UDHR gives a language 1-3k tokens) cannot fill many long segments without repeating itself."""
+
+    seqlen: int  # tokens per calibration segment (prefix included)
+    model_seqlen: int
+    reason: str | None  # why seqlen is shorter than model.seqlen, or None
+    available: dict[str, int]  # tokens of each language's calibration text
+    requested: dict[str, int]  # tokens its segments draw (prefix excluded)
+
+    @property
+    def repeats(self) -> dict[str, float]:
+        return {k: self.requested[k] / self.available[k] for k in self.requested if self.available.get(k)}
+
+    def warning(self) -> str | None:
+        """One line naming the languages whose segments repeat their text more than REPEAT_WARNING times."""
+        over = sorted(((k, r) for k, r in self.repeats.items() if r > REPEAT_WARNING), key=lambda kr: -kr[1])
+        if not over:
+            return None
+        named = ", ".join(f"{k} draws {self.requested[k]:,} tokens from {self.available[k]:,} (x{r:.1f})"
+                          for k, r in over)
+        return (f"calibration repeats its text: {named}; more than x{REPEAT_WARNING:g} means the same tokens many "
+                "times over (fewer segments, shorter segments or a larger corpus repeat less)")
+
+    def record(self) -> dict:
+        return {"seqlen": self.seqlen, "model_seqlen": self.model_seqlen, "seqlen_reason": self.reason,
+                "text": {k: {"available": self.available[k], "requested": self.requested[k],
+                             "repeats": round(self.repeats[k], 4)} for k in self.requested}}
+
+
+def calibration_text(tokenizer, corpus: Corpus, counts: Mapping[str, int], model_seqlen: int, prepend_bos: bool,
+                     fixed: int | None = None, also: Sequence[str] = (), cache: TokenCache | None = None
+                     ) -> CalibrationText:
+    """The segment length (``fixed``, else ``model_seqlen`` unless the shortest calibration text of the calibration
+    languages and ``also`` (e.g. the similarity probe's) cannot hold one segment: then the largest power of two whose
+    segment body is at most half that text, so segments can start at different places) and the text per language."""
+    prefix = len(_prefix(tokenizer, prepend_bos))
+    used = [k for k, v in counts.items() if v]
+    available = {k: int(language_stream(tokenizer, corpus, k, "calibration", cache).numel())
+                 for k in dict.fromkeys([*used, *also])}
+    seqlen, reason = fixed or model_seqlen, None
+    if fixed is not None and not MIN_SEQLEN <= fixed <= model_seqlen:
+        raise ValueError(f"calibration_seqlen={fixed} must be in {MIN_SEQLEN}..{model_seqlen} (model.seqlen)")
+    shortest = min(available, key=available.get) if available else None
+    if fixed is None and shortest is not None and available[shortest] < model_seqlen - prefix:
+        seqlen = MIN_SEQLEN
+        while seqlen * 2 - prefix <= available[shortest] // 2 and seqlen * 2 <= model_seqlen:
+            seqlen *= 2
+        if seqlen - prefix > available[shortest]:
+            raise ValueError(f"language {shortest!r} has {available[shortest]} tokens of calibration text in corpus "
+                             f"{corpus.name!r}, too few for a segment of {MIN_SEQLEN}; drop the language")
+        reason = (f"the shortest calibration text ({shortest}, {available[shortest]:,} tokens in {corpus.name}) holds "
+                  f"no segment of model.seqlen={model_seqlen}; segments of {seqlen} tokens (at most half of it), "
+                  f"evaluation windows stay {model_seqlen} (calibration_seqlen=N sets it)")
+    requested = {k: counts[k] * (seqlen - prefix) for k in used}
+    return CalibrationText(seqlen, model_seqlen, reason, available, requested)
