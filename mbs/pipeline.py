@@ -39,8 +39,8 @@ from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
 from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
 from mbs.record.export import check_export
-from mbs.record.identity import identity
-from mbs.record.results import RunResult, format_table, language_rows, summary, write_results
+from mbs.record.identity import identity, provenance
+from mbs.record.results import SCHEMA_VERSION, RunResult, format_table, language_rows, summary, write_results
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     """Load → dense evaluation (and similarity probe) → compress → compressed evaluation → the run's result."""
     run, spec, zeroshot = prepared.run, prepared.run.model, prepared.zeroshot
     timings = dict(prepared.timings)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time() - timings["data_s"]
     with timed(timings, "load_s"):
         model = load_model(spec, seed=run.seed)
 
@@ -227,12 +227,14 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
         zeroshot_record = {"harness": harness_version(), "tasks": zeroshot.tasks, "limit": run.eval.zeroshot.limit,
                            "num_fewshot": run.eval.zeroshot.num_fewshot, "results": rows}
     timings["total_s"] = time.perf_counter() - start + timings["data_s"]
-    result = run_result(cfg, prepared, model, language_rows(dense, compressed, absolute_shares(spec.distribution)),
-                        report, language_similarity, baseline, timings)
+    segments = {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()}
+    rows = language_rows(dense, compressed, absolute_shares(spec.distribution), run.eval.low_resource_share, segments)
+    result = run_result(cfg, prepared, model, rows, report, language_similarity, baseline, timings)
     result.zeroshot = zeroshot_record
     if run.save_model:
         with timed(timings, "save_s"):
             result.export = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
+    result.provenance = provenance(spec.revision, started)
     return result
 
 
@@ -242,6 +244,7 @@ def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list
     """The run's result from what the stages returned."""
     run, spec = prepared.run, prepared.run.model
     return RunResult(
+        schema_version=SCHEMA_VERSION,
         experiment_id=experiment_id(cfg),
         run=prepared.identity,
         config=OmegaConf.to_container(cfg, resolve=True),

@@ -145,8 +145,23 @@ def test_rows_tables_and_csv_carry_bits_per_byte():
     table = to_markdown(rows_)
     assert "| dense bpb | compressed bpb | tokens | bytes |" in table.splitlines()[0]
     assert f"| {rows_[0]['dense_bpb']:.4f} | {rows_[0]['compressed_bpb']:.4f} | 100 | 400 |" in table
-    header, first = to_csv(rows_).splitlines()[:2]
-    assert header.split(",") == list(COLUMNS) and first.split(",")[COLUMNS.index("bytes")] == "400"
+    header, first = to_csv(rows_, "abc").splitlines()[:2]
+    assert header.split(",") == ["experiment_id", *COLUMNS]
+    assert first.split(",")[0] == "abc" and first.split(",")[1 + COLUMNS.index("bytes")] == "400"
+    assert [r["low_resource"] for r in rows_] == [False, False] and rows_[0]["calibration_segments"] == 0
     old = rows({"en": 0.5})  # results.json written before bytes were recorded
     assert "| 1.221 | 0.200 | – | – | 7 | – |" in to_markdown(old)
-    assert to_csv(old).splitlines()[1].endswith(",,,7,")
+    assert to_csv(old).splitlines()[1].endswith(",,,7,,,")
+
+
+def test_run_result_reads_old_and_new_results_json_and_writes_them_back_unchanged():
+    from mbs.record.results import SCHEMA_VERSION, RunResult
+
+    old = {"experiment_id": "x", "languages": [], "summary": {}, "similarity": None, "timings": {"total_s": 1.0},
+           "some_later_key": [1, 2]}
+    result = RunResult.from_json(old)
+    assert result.schema_version == 1 and result.extra == {"some_later_key": [1, 2]}
+    assert {k: v for k, v in result.to_json().items() if k in old} == old
+    assert "zeroshot" not in result.to_json() and "export" not in result.to_json()  # optional keys left out
+    new = RunResult(schema_version=SCHEMA_VERSION, experiment_id="y", zeroshot={"results": []})
+    assert RunResult.from_json(new.to_json()) == new

@@ -36,9 +36,20 @@ def test_run_end_to_end(tmp_path, arch, compressor):
         assert row["dense_bpb"] == pytest.approx(math.log(row["dense_ppl"]) * per_byte)
         assert row["compressed_bpb"] - row["dense_bpb"] == pytest.approx(row["log_ratio"] * per_byte, abs=1e-12)
     assert {"cpu", "cpu_flags", "blas", "mkldnn", "threads", "torch", "device"} <= set(results["environment"])
-    assert (tmp_path / "results.csv").read_text().startswith("language,training_share_pct,dense_ppl")
-    assert "dense_bpb,compressed_bpb,tokens,bytes" in (tmp_path / "results.csv").read_text().splitlines()[0]
-    assert "| en |" in (tmp_path / "results.md").read_text()
+    assert results["schema_version"] == 2
+    segments = results["calibration"]["segments"]
+    for row in results["languages"]:  # what the W&B table shows, in results.json too
+        assert row["calibration_segments"] == segments.get(row["language"], 0)
+        assert row["low_resource"] == (row["language"] in results["summary"]["low_resource_languages"])
+    provenance = results["provenance"]
+    assert provenance["commit"] and len(provenance["commit"]) == 40  # the tests run from a git checkout
+    assert provenance["started"] <= provenance["finished"] and provenance["versions"]["torch"]
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("experiment_id,language,training_share_pct,dense_ppl")
+    assert "dense_bpb,compressed_bpb,tokens,bytes,low_resource,calibration_segments" in csv_lines[0]
+    assert all(line.startswith(results["experiment_id"] + ",") for line in csv_lines[1:])
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# ") and f"experiment {results['experiment_id']}" in md and "| en |" in md
     assert "| en |" in proc.stdout and "| dense bpb |" in proc.stdout  # the table is printed at the end
 
 

@@ -62,3 +62,42 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
                        sampler, f"seed {cfg.get('seed', 0)}"])
     schemas = {group: schema for group in GROUPS if group in cfg and (schema := _schema(cfg[group]))}
     return {"name": name, "choices": chosen, "schemas": schemas}
+
+
+PACKAGES = ("mbs", "torch", "transformers", "numpy", "scipy", "datasets", "lm_eval", "compressed-tensors",
+            "hydra-core")
+
+
+def provenance(model_revision: str | None, started: float) -> dict[str, Any]:
+    """Where a result came from beyond its config: the project's git commit (and whether the checkout had uncommitted
+    changes) when it runs from a git checkout, the start and end time (UTC), the installed versions of the packages
+    that shape the numbers, and the model revision asked for."""
+    import datetime
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    def utc(seconds: float) -> str:
+        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    import time
+
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit, "uncommitted_changes": bool(git("status", "--porcelain")) if commit else None,
+            "started": utc(started), "finished": utc(time.time()), "versions": versions,
+            "model_revision": model_revision}
+

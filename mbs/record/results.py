@@ -24,8 +24,9 @@ from typing import Any
 from mbs.atomic import atomic_write_all
 from mbs.evaluate.zeroshot import to_markdown as zeroshot_markdown
 
+SCHEMA_VERSION = 2  # 2: schema_version, provenance, per-row low_resource and calibration_segments
 COLUMNS = ("language", "training_share_pct", "dense_ppl", "compressed_ppl", "ratio", "log_ratio", "dense_bpb",
-           "compressed_bpb", "tokens", "bytes")
+           "compressed_bpb", "tokens", "bytes", "low_resource", "calibration_segments")
 # Default low-resource threshold: below 1% of the model's training distribution. On BLOOM's ROOTS shares this splits
 # the MBS paper's 20 languages into 8 above (en … id, the lowest at 1.38%) and 12 below (hi at 0.81% … ig), with
 # no language within 0.19 points of the line.
@@ -38,6 +39,7 @@ class RunResult:
     written earlier read back with :meth:`from_json`). The pipeline fills it; the console table, the loggers, the
     sweep report and the analysis read it by attribute."""
 
+    schema_version: int = 1  # of results.json: 1 = written before this field existed; SCHEMA_VERSION now
     experiment_id: str = ""  # resume key (mbs/fingerprint.py)
     run: dict[str, Any] = field(default_factory=dict)  # name, chosen option of each config group, schema classes
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config
@@ -53,6 +55,7 @@ class RunResult:
     similarity_skipped: str | None = None  # why analysis.layers asked for a similarity that cannot be formed
     zeroshot: dict[str, Any] | None = None  # lm-eval accuracies, dense vs compressed, when eval.tasks ran
     export: dict[str, Any] | None = None  # the written checkpoint, when save_model=true
+    provenance: dict[str, Any] = field(default_factory=dict)  # commit, times, package versions, model revision
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a results.json this class does not know
 
     OPTIONAL = ("similarity_skipped", "zeroshot", "export")  # left out of results.json when None
@@ -93,10 +96,11 @@ def by_training_share(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def language_rows(dense: dict[str, Any], compressed: dict[str, Any],
-                  training_shares: dict[str, float] | None = None) -> list[dict[str, Any]]:
+                  training_shares: dict[str, float] | None = None, low_resource_share: float = LOW_RESOURCE_SHARE,
+                  segments: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """One row per evaluated language, in evaluation order (``training_shares``: the model's own absolute shares as
-    fractions, ``mbs.data.sampling.absolute_shares``)."""
-    training_shares = training_shares or {}
+    fractions, ``mbs.data.sampling.absolute_shares``; ``segments``: calibration segments per language)."""
+    training_shares, segments = training_shares or {}, segments or {}
     rows = []
     for language, d in dense.items():
         c = compressed[language]
@@ -111,6 +115,8 @@ def language_rows(dense: dict[str, Any], compressed: dict[str, Any],
             "compressed_bpb": c.bpb,
             "tokens": d.tokens,
             "bytes": d.bytes,  # UTF-8 bytes of the text of the predicted tokens
+            "low_resource": is_low_resource(training_shares.get(language), low_resource_share),
+            "calibration_segments": int(segments.get(language, 0)),
         })
     return rows
 
@@ -152,13 +158,14 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def to_csv(rows: list[dict[str, Any]], experiment_id: str = "") -> str:
+    """The per-language table with the run's experiment id on every row, so concatenated CSVs stay attributable."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=("experiment_id", *COLUMNS), lineterminator="\n")
     writer.writeheader()
     for r in by_training_share(rows):
         share = r.get("training_share")
-        writer.writerow({**{k: r[k] for k in COLUMNS if k in r},
+        writer.writerow({**{k: r[k] for k in COLUMNS if k in r}, "experiment_id": experiment_id,
                          "training_share_pct": "" if share is None else 100 * share})
     return out.getvalue()
 
@@ -166,8 +173,9 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def write_results(directory: Path, result: RunResult) -> None:
     """results.csv, .md and .json, together or not at all (results.json, which marks a finished run, renamed last)."""
     directory = Path(directory)
-    atomic_write_all({directory / "results.csv": to_csv(result.languages),
-                      directory / "results.md": to_markdown(result.languages),
+    header = f"# {result.name}\n\nexperiment {result.experiment_id}; {format_table(result).splitlines()[0]}\n\n"
+    atomic_write_all({directory / "results.csv": to_csv(result.languages, result.experiment_id),
+                      directory / "results.md": header + to_markdown(result.languages),
                       directory / "results.json": json.dumps(result.to_json(), indent=2, default=str)})
 
 
