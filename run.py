@@ -64,7 +64,7 @@ def main(cfg: DictConfig) -> float | None:
         except ResultsNotWritten as err:  # e.g. a full disk: the table was printed and logged already
             print(f"mbs: error: {err}", file=sys.stderr)
             sys.exit(1)
-    if results is None:
+    if results is None or results.get("dry_run"):
         return None
     if (Path(hc.runtime.output_dir) / "results.json").exists():  # not for a skipped job: it says where its results are
         print(f"mbs: results in {hc.runtime.output_dir} (results.json, results.csv, results.md)", flush=True)

@@ -70,6 +70,7 @@ class RunConfig:
     save_format: str = "compressed-tensors"  # or dense (mbs/record/export.py)
     # tokens per calibration segment; None: model.seqlen, shortened when the calibration text cannot hold one
     calibration_seqlen: Optional[int] = None
+    dry_run: bool = False  # print the plan (segments, tokens, memory) and stop before the model loads
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -117,6 +118,7 @@ class Run:
     save_format: str = "compressed-tensors"
     force: bool = False
     calibration_seqlen: Optional[int] = None
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
@@ -131,4 +133,4 @@ def build(cfg: DictConfig) -> Run:
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
                save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)),
-               calibration_seqlen=cfg.get("calibration_seqlen"))
+               calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)))

@@ -102,6 +102,8 @@ class Prepared:
     window_bytes: dict[str, list[int]] = field(default_factory=dict)  # per language and window: bytes predicted
     similarity_skipped: str | None = None  # why analysis.layers asked for a similarity that cannot be formed
     calibration_text: CalibrationText | None = None  # segment length and text per language vs what is drawn
+    parameters: int = 0  # of the model, counted on its weightless skeleton
+    hidden_size: int | None = None  # width of the activations the engine keeps between layers
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -136,7 +138,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         raise UserError(str(err)) from err
     return Prepared(run, counts, data.tokenizer, data.calibration, data.windows, data.probe, analysis_layers,
                     {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, data.source, data.window_bytes,
-                    similarity_skipped, data.text)
+                    similarity_skipped, data.text, sum(p.numel() for p in skeleton.parameters()),
+                    getattr(getattr(skeleton, "config", None), "hidden_size", None))
 
 
 @dataclass
@@ -302,11 +305,46 @@ def dense_similarity(dense_results: DenseResults, model: nn.Module, prepared: Pr
             for i, by_language in value.items()}, source
 
 
+def plan_text(prepared: Prepared) -> str:
+    """What a run would do, from what ``prepare`` found without loading the model (``dry_run=true``)."""
+    run, text, calibration = prepared.run, prepared.calibration_text, prepared.calibration
+    bytes_per = {"float32": 4, "float64": 8}.get(run.model.dtype, 2)
+    per_language = ", ".join(f"{k} {int(t.shape[0])} ({text.requested[k]:,} of {text.available[k]:,} tokens, "
+                             f"x{text.repeats[k]:.1f})" for k, t in calibration.segments.items() if t.shape[0])
+    windows = [w for ws in prepared.windows.values() for w in ws]
+    lines = [f"mbs: DRY RUN of {prepared.identity['name']}: no weights are loaded, nothing is compressed or written",
+             f"model: {run.model.name}, {prepared.parameters:,} parameters in {run.model.dtype}: "
+             f"{prepared.parameters * bytes_per / 1e9:.2f} GB of weights where the model waits "
+             f"(engine.offload_device={run.engine.offload_device})",
+             f"calibration: {calibration.total} segments x {text.seqlen} tokens = {calibration.total * text.seqlen:,} "
+             f"tokens; per language, segments (tokens drawn of its calibration text, repeats): {per_language}"]
+    if text.reason:
+        lines.append(f"calibration segments shortened: {text.reason}")
+    if text.warning():
+        lines.append(text.warning())
+    if prepared.hidden_size:
+        activations = calibration.total * text.seqlen * prepared.hidden_size * bytes_per
+        lines.append(f"activations kept between layers: {activations / 1e9:.2f} GB on engine.device="
+                     f"{run.engine.device} (computed from the widths: segments x seqlen x hidden size x "
+                     f"{bytes_per} bytes; about twice that while a layer runs), plus one decoder layer")
+    lines.append(f"evaluation: {len(prepared.windows)} languages, {len(windows)} windows of up to "
+                 f"{run.model.seqlen} tokens, {sum(w.numel() for w in windows):,} tokens, dense and compressed")
+    if prepared.probe is not None:
+        lines.append(f"similarity probe: {prepared.probe.total} segments of {text.seqlen} tokens "
+                     f"({run.analysis.statistic}, layers {list(run.analysis.layers)})")
+    lines.append("time: not estimated (it depends on the machine; the README gives measured runs)")
+    return "\n".join(lines)
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Execute one run with its logger around it; the logger finishes even when the run fails. The table is printed
     and logged before the result files are written, so a full disk at the end loses neither. Returns results.json's
-    content (:meth:`RunResult.to_json`)."""
+    content (:meth:`RunResult.to_json`); with ``dry_run=true`` only prints the plan (``{"dry_run": plan}``)."""
     output_dir = Path(output_dir)
+    if cfg.get("dry_run", False):
+        plan = plan_text(prepare(cfg))
+        print(plan, flush=True)
+        return {"dry_run": plan}
     check_writable(output_dir)
     prepared = prepare(cfg)
     config = {**OmegaConf.to_container(cfg, resolve=True), **{k: v for k, v in prepared.identity.items() if k != "name"}}

@@ -64,6 +64,9 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = config.hydra.sweep.dir
+        if config.get("dry_run", False):
+            print(f"mbs: dry run of the sweep {sweep_dir}: each job printed its plan; nothing ran", flush=True)
+            return
         text, ok = format_status(collect_jobs(sweep_dir), sweep_dir)
         text += f"\nmbs: report (tables and figures): python -m mbs.report {sweep_dir}"
         if any(Path(sweep_dir).glob("*/wandb/offline-run-*")):
