@@ -23,7 +23,7 @@ def test_a_dry_run_prints_the_plan_and_loads_no_weights(tmp_path, monkeypatch, c
     activations = segments * seqlen * prepared.hidden_size * 4  # the tiny model waits in float32
     assert f"activations kept between layers: {activations / 1e9:.2f} GB" in printed
     tokens = sum(w.numel() for ws in prepared.windows.values() for w in ws)
-    assert f"evaluation: 3 languages, " in printed and f"{tokens:,} tokens, dense and compressed" in printed
+    assert "evaluation: 3 languages, " in printed and f"{tokens:,} tokens, dense and compressed" in printed
     assert "time: not estimated" in printed
 
 
