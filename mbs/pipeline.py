@@ -308,7 +308,7 @@ def dense_similarity(dense_results: DenseResults, model: nn.Module, prepared: Pr
 def plan_text(prepared: Prepared) -> str:
     """What a run would do, from what ``prepare`` found without loading the model (``dry_run=true``)."""
     run, text, calibration = prepared.run, prepared.calibration_text, prepared.calibration
-    bytes_per = {"float32": 4, "float64": 8}.get(run.model.dtype, 2)
+    bytes_per = getattr(torch, run.model.dtype).itemsize
     per_language = ", ".join(f"{k} {int(t.shape[0])} ({text.requested[k]:,} of {text.available[k]:,} tokens, "
                              f"x{text.repeats[k]:.1f})" for k, t in calibration.segments.items() if t.shape[0])
     windows = [w for ws in prepared.windows.values() for w in ws]

@@ -9,7 +9,7 @@ from typing import Any
 
 from mbs.analyze.similarity_plots import model_label, wandb_media
 from mbs.record.frame import result_rows
-from mbs.record.results import RunResult, by_training_share, is_low_resource
+from mbs.record.results import RunResult, by_training_share
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ class WandbLogger:
         table = wandb.Table(columns=columns, data=[
             [r["language"], None if r.get("training_share") is None else 100 * r["training_share"], r["dense_ppl"],
              r["compressed_ppl"], r["ratio"], r["log_ratio"], r.get("dense_bpb"), r.get("compressed_bpb"), r["tokens"],
-             r.get("bytes"), is_low_resource(r.get("training_share"), s["low_resource_share"]),
-             segments.get(r["language"], 0)]
+             r.get("bytes"), r["low_resource"], r["calibration_segments"]]
             for r in rows])
         calibration = wandb.Table(columns=["language", "segments"], data=[[k, v] for k, v in segments.items()])
         logged: dict[str, Any] = {
