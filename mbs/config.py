@@ -19,7 +19,7 @@ from mbs.data.languages import PAPER_LANGUAGES, check_languages
 from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
                                UniformSampler)
 from mbs.evaluate.zeroshot import ZeroShotConfig
-from mbs.models.spec import ModelSpec
+from mbs.models.spec import ModelSpec, name_from_path
 from mbs.record.export import check_format
 from mbs.record.loggers import NoLogger, WandbLogger
 from mbs.record.results import LOW_RESOURCE_SHARE
@@ -84,6 +84,10 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "eval": {"eval_schema": EvalConfig},
     "logger": {"wandb_schema": WandbLogger, "none_schema": NoLogger},
 }
+
+
+# model=hf names the model after its path (``name: ${mbs.model_name:${.path}}``), so the run directory does too.
+OmegaConf.register_new_resolver("mbs.model_name", name_from_path, replace=True)
 
 
 def register(store: ConfigStore | None = None) -> None:

@@ -37,7 +37,7 @@ from mbs.evaluate.perplexity import LanguageLoss, language_bytes
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
 from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
-from mbs.models.loading import load_model, load_tokenizer, model_cache, model_skeleton
+from mbs.models.loading import load_model, load_tokenizer, model_cache, model_config, model_skeleton
 from mbs.record.export import check_export
 from mbs.record.identity import identity, provenance
 from mbs.record.results import SCHEMA_VERSION, RunResult, format_table, language_rows, summary, write_results
@@ -113,8 +113,11 @@ def prepare(cfg: DictConfig) -> Prepared:
         spec = run.model
         t0 = time.perf_counter()
         tokenizer = None
-        if spec.distribution_estimate:  # shares from the tokenizer, before anything needs them
+        if spec.open_fields():  # model=hf: dtype, seqlen and BOS from the model's own config and tokenizer
             tokenizer = load_tokenizer(spec)
+            log.info("model %s (%s): %s", spec.name, spec.path, spec.complete(model_config(spec), tokenizer))
+        if spec.distribution_estimate:  # shares from the tokenizer, before anything needs them
+            tokenizer = tokenizer or load_tokenizer(spec)
             spec.distribution = estimate_from_tokenizer(tokenizer, spec.estimate_sharpness)
             log.info("ESTIMATED language distribution (%s): %s", spec.distribution_source, spec.distribution)
         counts = plan(run)
@@ -251,7 +254,10 @@ def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list
         experiment_id=experiment_id(cfg),
         run=prepared.identity,
         config=OmegaConf.to_container(cfg, resolve=True),
-        model={"name": spec.name, "parameters": sum(p.numel() for p in model.parameters()),
+        model={"name": spec.name, "path": spec.path or None, "revision": spec.revision,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               # as run: model=hf reads these from the model's config and tokenizer (config keeps "auto"/null)
+               "dtype": spec.dtype, "seqlen": spec.seqlen, "prepend_bos": spec.prepend_bos,
                "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy,
                "distribution": absolute_shares(spec.distribution)},
         calibration={"segments": {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()},

@@ -19,12 +19,14 @@ def offline_hub(monkeypatch, tokenizer):
     """The hub's tokenizer and model config replaced by tiny stand-ins; loading weights fails the test."""
     monkeypatch.setattr(pipeline, "load_tokenizer", lambda spec: tokenizer)
     monkeypatch.setattr(pipeline, "model_skeleton", lambda spec: tiny("llama"))
+    monkeypatch.setattr(pipeline, "model_config", lambda spec: tiny("llama").config)  # model=hf reads it
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 @pytest.mark.parametrize("model", HUB_MODELS)
 def test_every_hub_model_config_prepares_its_headline_run(offline_hub, model):
-    prepared = pipeline.prepare(compose_run(f"model={model}", "sampler=mbs", "compressor=wanda", "logger=none"))
+    path = ["model.path=org/Some-Model"] if model == "hf" else []  # model=hf: the user names the model
+    prepared = pipeline.prepare(compose_run(f"model={model}", *path, "sampler=mbs", "compressor=wanda", "logger=none"))
     text = prepared.calibration_text
     assert text.model_seqlen == prepared.run.model.seqlen and text.seqlen <= text.model_seqlen
     assert all(t.shape[1] == text.seqlen for t in prepared.calibration.segments.values())

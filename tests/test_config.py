@@ -27,6 +27,8 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         for code in ("en", "sw"):
             (tmp_path / f"{code}.txt").write_text("some text\n" * 20)
         overrides += [f"data.path={tmp_path}", "eval.languages=[en,sw]"]
+    if group == "model" and option == "hf":  # the user names the model
+        overrides.append("model.path=org/Some-Model")
     if option == "fineweb2":  # no zh-Hant: its cmn_Hani subset mixes both scripts
         overrides.append("eval.languages=[en,sw,zh-Hans]")
     if option == "wikitext2":  # English only
@@ -40,7 +42,7 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
 
 def test_distributions_state_their_source():
     for option in options("model"):
-        model = build(compose_run(f"model={option}")).model
+        model = build(compose_run(f"model={option}", *(["model.path=org/x"] if option == "hf" else []))).model
         assert model.distribution_source
         if model.name.startswith("bloom-"):
             assert not model.distribution_is_proxy and model.distribution["en"] == 30.04

@@ -142,9 +142,22 @@ def _load_model(spec: ModelSpec, seed: int) -> nn.Module:
     return model
 
 
+def model_config(spec: ModelSpec):
+    """The model's transformers config (its config.json; no weights), for a GGUF package or hub/local model."""
+    from transformers import AutoConfig
+
+    if spec.source == "gguf_package":
+        converted = model_cache(spec).lookup(_converted_name(spec))
+        if converted is not None:
+            return AutoConfig.from_pretrained(converted)
+        directory, name = _gguf_location(spec)
+        return AutoConfig.from_pretrained(directory, gguf_file=name)
+    return _from_hub(AutoConfig, spec)
+
+
 def model_skeleton(spec: ModelSpec) -> nn.Module:
     """The model's modules with no weights (meta device): shapes to check a config against before loading."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if spec.source == "tiny":
         from mbs.models.tiny import tiny_model
@@ -153,15 +166,7 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
             model = tiny_model(spec.tiny_arch, spec.tiny_config)
         set_layers_path(model, spec.layers_path)
         return model
-    if spec.source == "gguf_package":
-        converted = model_cache(spec).lookup(_converted_name(spec))
-        if converted is not None:
-            config = AutoConfig.from_pretrained(converted)
-        else:
-            directory, name = _gguf_location(spec)
-            config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    else:
-        config = _from_hub(AutoConfig, spec)
+    config = model_config(spec)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

