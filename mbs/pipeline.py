@@ -174,7 +174,8 @@ def prepare_data(run: Run, counts: dict[str, int], tokenizer: Any, analysis_laye
     if analysis_layers:
         probe = similarity.build_probe(tokenizer, run.data, probed, run.analysis, text.seqlen, spec.prepend_bos,
                                        cache=cache)
-    log.info("calibration: %d segments x %d tokens: %s", calibration.total, text.seqlen, counts)
+    log.info("calibration: %d segments x %d tokens; per language segments (tokens drawn/tokens of text, repeats): %s",
+             calibration.total, text.seqlen, text.per_language(counts))
     if text.warning():
         log.warning(text.warning())
     source = SegmentSource(tokenizer, run.data, text.seqlen, run.seed, spec.prepend_bos, cache)

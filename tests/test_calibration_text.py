@@ -63,5 +63,7 @@ def test_repeated_text_is_counted_and_named(tokenizer):
     warning = text.warning()
     assert warning.startswith(f"calibration repeats its text: en draws 18,900 tokens from {text.available['en']:,}")
     assert "sw" not in warning and text.record()["text"]["sw"]["requested"] == 63
+    line = text.per_language(counts)  # the console names every language, repeating or not
+    assert line.startswith(f"en 300 (18,900/{text.available['en']:,} x{text.repeats['en']:.1f}), sw 1 (63/")
     quiet = CalibrationText(64, 64, None, {"en": 1000}, {"en": int(REPEAT_WARNING * 1000)})
     assert quiet.warning() is None

@@ -278,6 +278,11 @@ class CalibrationText:
         return (f"calibration repeats its text: {named}; more than x{REPEAT_WARNING:g} means the same tokens many "
                 "times over (fewer segments, shorter segments or a larger corpus repeat less)")
 
+    def per_language(self, counts: Mapping[str, int]) -> str:
+        """Per language: segments, tokens drawn of its text's tokens, and the repeat factor (the console line)."""
+        return ", ".join(f"{k} {counts[k]} ({self.requested[k]:,}/{self.available[k]:,} x{self.repeats[k]:.1f})"
+                         for k in self.requested if self.available.get(k))
+
     def record(self) -> dict:
         return {"seqlen": self.seqlen, "model_seqlen": self.model_seqlen, "seqlen_reason": self.reason,
                 "text": {k: {"available": self.available[k], "requested": self.requested[k],
