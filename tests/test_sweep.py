@@ -60,6 +60,10 @@ def test_report_cells_are_the_jobs_numbers(sweep, tmp_path):
             assert cells[f"{cond}: n"] == "1" and cells[f"{cond}: ratio_ci95"] == ""  # one seed: no interval
             assert float(cells["training_share_pct"]) == pytest.approx(100 * row["training_share"])
             assert f"{row['compressed_ppl']:.2f} (×{row['ratio']:.3f})" in md
+        run_line = next(line for line in md.splitlines() if line.startswith(f"| `{directory.name}` | done | {cond} |"))
+        assert f"| {res['experiment_id']} |" in run_line  # the report names the run each number came from
+    for image in ("degradation.png", "retention.png"):  # embedded, next to report.md
+        assert f"]({image})" in md and (tmp_path / "report" / image).exists()
     header = next(line for line in md.splitlines() if line.startswith("| language |"))
     assert all(f"sampler={s} compressor.sparsity={p}" in header for s in ("english", "uniform") for p in ("0.3", "0.5"))
 

@@ -296,6 +296,34 @@ def plot_retention(df: pd.DataFrame, path: Path) -> None:
     plot_share(retention_frame_of(df), path)
 
 
+def runs_section(jobs: list[Job], sweep_dir: Path) -> str:
+    """Which runs the report came from: per job its directory, status, condition, seed, experiment id and the git
+    commit it ran at (``+`` when that checkout had uncommitted changes), so a reader can trace every number."""
+    labels = conditions(jobs)
+    lines = ["## Runs\n", "| job directory | status | condition | seed | experiment id | commit |",
+             "|---|---|---|---:|---|---|"]
+    for i, job in enumerate(jobs):
+        where = "–"
+        if job.directory is not None:
+            where = str(job.directory.relative_to(sweep_dir) if job.directory.is_relative_to(sweep_dir)
+                        else job.directory)
+        res = job.results
+        seed = str(res.config.get("seed", "")) if res is not None else ""
+        commit = ""
+        if res is not None and (res.provenance or {}).get("commit"):
+            commit = res.provenance["commit"][:10] + ("+" if res.provenance.get("uncommitted_changes") else "")
+        lines.append(f"| `{where}` | {job.status} | {labels[i]} | {seed} | {job.experiment_id or '–'} | "
+                     f"{commit or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+FIGURES = ("## Figures\n\n"
+           "Perplexity ratio by language (compressed / dense, log scale; languages by training share):\n\n"
+           "![Perplexity ratio by language](degradation.png)\n\n"
+           "Retention (dense / compressed perplexity) against training share, one point per run and language:\n\n"
+           "![Retention against training share](retention.png)\n\n")
+
+
 @dataclass
 class Report:
     status: str
@@ -325,9 +353,9 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
           "Training share: the language's share of the model's whole training distribution, in percent. "
           "Ratio: compressed / dense perplexity; log ratio: its natural log; geometric-mean ratio: exp of the mean "
           "log ratio over languages.\n\n"
-          + markdown(agg, summ, low_resource_share))
+          + markdown(agg, summ, low_resource_share) + "\n" + FIGURES)
     zeroshot = zeroshot_section(jobs, conditions(jobs))  # its own section, only when jobs ran eval.tasks
-    md += zeroshot[0] if zeroshot else ""
+    md += (zeroshot[0] + "\n" if zeroshot else "") + runs_section(jobs, sweep_dir)
     files = [out / "report.md", out / "report.csv", out / "report_long.csv", out / "summary.csv",
              out / "degradation.png", out / "retention.png"]
     atomic_write(files[0], md)
