@@ -425,7 +425,8 @@ NEW_OPTIONS = ["data=cc100", "data=xlsum", "data=flores", "data=flores_plus", "d
                "eval=xlsum", "eval=flores", "eval=flores_plus",
                "eval=wikitext2", "sampler=temperature", "sampler=temperature sampler.alpha=0.5",
                "model=qwen2.5-0.5b model.distribution_estimate=false +model.distribution.en=1.0"] + [
-    f"model={Path(p).stem}" for p in glob.glob(os.path.join(CONF, "model", "*.yaml"))]
+    f"model={Path(p).stem}" + (" model.path=org/x" if Path(p).stem == "hf" else "")
+    for p in glob.glob(os.path.join(CONF, "model", "*.yaml"))]
 
 
 @pytest.mark.parametrize("override", NEW_OPTIONS)
