@@ -195,7 +195,10 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     timings = dict(prepared.timings)
     start, started = time.perf_counter(), time.time() - timings["data_s"]
     with timed(timings, "load_s"):
-        model = load_model(spec, seed=run.seed)
+        try:
+            model = load_model(spec, seed=run.seed)
+        except ValueError as err:  # a checkpoint the loader refused (mbs/models/loading.py): one line naming it
+            raise UserError(str(err)) from err
 
     def evaluate() -> dict:
         return perplexity(model, prepared.windows, device=run.engine.device, batch_size=run.eval.batch_size,

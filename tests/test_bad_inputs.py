@@ -1,0 +1,143 @@
+"""Inputs a user can give that MBS cannot use, each refused in one line naming the file, argument or reason, before
+the model loads where possible (issue 22): local model directories, local data, offline hub zero-shot tasks, disks,
+report directories and the Python API."""
+import errno
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import mbs.config
+import mbs.pipeline
+from mbs.models.loading import load_model
+from mbs.models.spec import ModelSpec
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+TINY = ["model=tiny-llama", "logger=none", "sampler.segments=8", "eval.languages=[en,sw]", "eval.max_windows=2",
+        "progress=false", "analysis.layers=[]"]
+
+
+def composed(*overrides):
+    mbs.config.register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+# -- local model directories ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer):
+    """A tiny Llama saved as a local transformers checkpoint (config.json, model.safetensors, tokenizer)."""
+    from mbs.models.tiny import tiny_model
+
+    directory = tmp_path / "model"
+    tiny_model("llama", {}).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _edit_tensors(directory: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _q_proj(tensors):
+    return next(k for k in tensors if "q_proj" in k)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def _corrupt(directory: Path, how: str) -> None:
+    weights = directory / "model.safetensors"
+    if how == "zero bytes":
+        weights.write_bytes(b"")
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "no weights":
+        weights.unlink()
+    elif how == "encoder-only":
+        from transformers import BertConfig, BertModel
+
+        weights.unlink()
+        BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             vocab_size=64)).save_pretrained(directory)
+    elif how == "index names a missing shard":
+        (directory / "model.safetensors.index.json").write_text(
+            '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model.safetensors"}}')
+    elif how == "wrong shape":
+        _edit_tensors(directory, lambda t: t.__setitem__(_q_proj(t), torch.zeros(3, 3)))
+    elif how == "missing weight":
+        _edit_tensors(directory, lambda t: t.pop(_q_proj(t)))
+    elif how == "malicious pickle":
+        weights.unlink()
+        torch.save({"x": _Payload()}, directory / "pytorch_model.bin")
+
+
+PRE_LOAD = {
+    "zero bytes": r"weight file .*model\.safetensors is empty \(0 bytes\)",
+    "truncated": r"weight file .*model\.safetensors \([\d,]+ bytes\) is not a readable safetensors file, it is truncated",
+    "no weights": r"model\.path=.* holds no weights",
+    "encoder-only": r"model\.path=.*: config\.json describes BertModel model, not a causal language model",
+    "index names a missing shard": r".*model\.safetensors\.index\.json names weight files that are not there: "
+                                   r"model-00001-of-00002\.safetensors",
+}
+AT_LOAD = {
+    "wrong shape": r".*model\.safetensors: 1 weight\(s\) have the wrong shape \(model\.layers\.0\.self_attn\.q_proj"
+                   r"\.weight \(3, 3\) in the checkpoint vs \(64, 64\)",
+    "missing weight": r".*model\.safetensors: the checkpoint lacks 1 weight\(s\) the model needs "
+                      r"\(model\.layers\.0\.self_attn\.q_proj\.weight\); transformers would initialise them at random",
+    "malicious pickle": r".*pytorch_model\.bin: refused to unpickle the weights",
+}
+
+
+@pytest.mark.parametrize("how", sorted(PRE_LOAD))
+def test_a_broken_model_directory_is_refused_before_loading(checkpoint, how):
+    _corrupt(checkpoint, how)
+    with pytest.raises(ValueError, match=PRE_LOAD[how]) as err:
+        ModelSpec(name="mine", source="hub", path=str(checkpoint), seqlen=32)
+    one_line(err)
+
+
+@pytest.mark.parametrize("how", sorted(AT_LOAD))
+def test_a_checkpoint_transformers_would_fill_in_at_random_is_refused(checkpoint, how, monkeypatch):
+    monkeypatch.chdir(checkpoint)
+    _corrupt(checkpoint, how)
+    spec = ModelSpec(name="mine", source="hub", path=str(checkpoint), seqlen=32)
+    with pytest.raises(ValueError, match=AT_LOAD[how]) as err:
+        load_model(spec)
+    one_line(err)
+    assert not (checkpoint / "pwned").exists()
+
+
+def test_tied_weights_are_not_missing(tmp_path):
+    from mbs.models.tiny import tiny_model
+
+    model = tiny_model("gemma3", {})
+    assert model.config.tie_word_embeddings
+    model.save_pretrained(tmp_path)
+    loaded = load_model(ModelSpec(name="mine", source="hub", path=str(tmp_path), seqlen=32, dtype="float32"))
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_run_on_a_checkpoint_with_a_missing_weight_fails_in_one_line_and_writes_nothing(checkpoint, tmp_path):
+    _corrupt(checkpoint, "missing weight")
+    cfg = composed(*TINY, "model.source=hub", f"model.path={checkpoint}", "model.dtype=float32")
+    with pytest.raises(mbs.pipeline.UserError, match=AT_LOAD["missing weight"]) as err:
+        mbs.pipeline.run(cfg, tmp_path / "run")
+    one_line(err)
+    assert not (tmp_path / "run" / "results.json").exists()
