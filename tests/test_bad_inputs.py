@@ -141,3 +141,80 @@ def test_a_run_on_a_checkpoint_with_a_missing_weight_fails_in_one_line_and_write
         mbs.pipeline.run(cfg, tmp_path / "run")
     one_line(err)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+# -- local data ------------------------------------------------------------------------------------------------------
+
+def _docs(code: str, n: int = 12) -> str:
+    return "\n\n".join(f"{code} document number {i} with a few words of text." for i in range(n))
+
+
+def test_local_data_accepts_any_bcp47_code(tmp_path):
+    from mbs.data.languages import get_language
+    from mbs.data.local import LocalCorpus
+
+    for code in ("en", "yue", "sr-Latn"):
+        (tmp_path / f"{code}.txt").write_text(_docs(code), encoding="utf-8")
+    corpus = LocalCorpus(path=str(tmp_path))
+    assert corpus.languages() == ["en", "sr-Latn", "yue"]
+    assert corpus.texts("yue", "evaluation") == [f"yue document number {i} with a few words of text." for i in (10, 11)]
+    yue = get_language("yue")
+    assert (yue.name, yue.iso639_3, yue.script, yue.flores) == ("Cantonese", "yue", "Hant", None)
+    assert get_language("sw") is mbs.data.languages.LANGUAGES["sw"]  # the table keeps its sources
+    prepared = mbs.pipeline.prepare(composed(*TINY, "data=local", f"data.path={tmp_path}", "sampler=uniform",
+                                             "eval.languages=[en,yue]", "sampler.languages=[en,yue]"))
+    assert prepared.counts == {"en": 4, "yue": 4} and sorted(prepared.windows) == ["en", "yue"]
+
+
+@pytest.mark.parametrize("code, message", [
+    ("xx", "unknown language code 'xx': not a BCP-47 language tag"),
+    ("EN", "language code 'EN': write it as 'en'"),
+    ("und", "unknown language code 'und': not a BCP-47 language tag"),
+])
+def test_a_code_that_is_no_language_is_refused(code, message):
+    with pytest.raises(mbs.pipeline.UserError, match=message) as err:
+        mbs.pipeline.prepare(composed(*TINY, f"eval.languages=[en,{code}]"))
+    one_line(err)
+
+
+def _unusable(root: Path, how: str) -> None:
+    (root / "sw.txt").write_text(_docs("sw"), encoding="utf-8")
+    if how == "NUL bytes":
+        (root / "en.txt").write_bytes(b"\x00" * 4096)
+    elif how == "not UTF-8":
+        (root / "en.txt").write_bytes("caf\u00e9\n\nna\u00efve".encode("latin-1"))
+    elif how == "symlink loop":
+        os.symlink(root / "en.txt", root / "en.txt")
+    elif how == "directory":
+        (root / "en.txt").mkdir()
+    elif how == "invalid code":
+        (root / "en.txt").write_text(_docs("en"), encoding="utf-8")
+        (root / "english.txt").write_text(_docs("en"), encoding="utf-8")
+    elif how == "missing split":
+        for split in ("calibration", "evaluation"):
+            (root / split).mkdir()
+            (root / split / "sw.txt").write_text(_docs("sw"), encoding="utf-8")
+        (root / "calibration" / "en.txt").write_text(_docs("en"), encoding="utf-8")
+    elif how == "no text":
+        (root / "en.txt").write_text("\n\n   \n\n", encoding="utf-8")
+
+
+UNUSABLE = {
+    "NUL bytes": r".*en\.txt holds NUL bytes \(binary data, not text\)",
+    "not UTF-8": r".*en\.txt is not UTF-8 text \(byte 3",
+    "symlink loop": r".*en\.txt is a symbolic link that leads nowhere \(a loop or a missing target\)",
+    "directory": r".*en\.txt is a directory, not a file of text",
+    "invalid code": r".*english\.txt is not named for a language: unknown language code 'english'",
+    "missing split": r"calibration languages: corpus 'local' has no text for en \(.*evaluation has no en\.\* file "
+                     r"while .*calibration/en\.txt exists",
+    "no text": r".*en\.txt holds no text",
+}
+
+
+@pytest.mark.parametrize("how", sorted(UNUSABLE))
+def test_a_local_file_it_cannot_use_is_named_in_one_line_before_loading(tmp_path, how, monkeypatch):
+    _unusable(tmp_path, how)
+    monkeypatch.setattr(mbs.pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(mbs.pipeline.UserError, match=UNUSABLE[how]) as err:
+        mbs.pipeline.prepare(composed(*TINY, "data=local", f"data.path={tmp_path}"))
+    one_line(err)
