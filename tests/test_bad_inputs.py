@@ -218,3 +218,32 @@ def test_a_local_file_it_cannot_use_is_named_in_one_line_before_loading(tmp_path
     with pytest.raises(mbs.pipeline.UserError, match=UNUSABLE[how]) as err:
         mbs.pipeline.prepare(composed(*TINY, "data=local", f"data.path={tmp_path}"))
     one_line(err)
+
+
+# -- hub zero-shot tasks offline --------------------------------------------------------------------------------------
+
+def test_a_hub_zero_shot_task_offline_fails_in_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-datasets-cache")
+    with pytest.raises(mbs.pipeline.UserError, match=r"eval.tasks: 'xnli_en' reads the hub dataset 'facebook/xnli' "
+                                                     r"\(en\): HF_HUB_OFFLINE=1 is set and it is not in the local "
+                                                     r"datasets cache") as err:
+        mbs.pipeline.prepare(composed(*TINY, "eval.tasks=[udhr_mc_en,xnli_en]"))
+    one_line(err)
+
+
+def test_tasks_on_local_data_need_no_hub():
+    from mbs.evaluate.task_data import needs_hub, task_datasets
+
+    class Entry:
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+    class Manager:
+        _index = {"group": Entry({"group": "group", "task": ["a", {"task": "inline", "dataset_path": "json"}]}),
+                  "a": Entry({"task": "a", "dataset_path": "org/data", "dataset_name": "en"})}
+
+    assert task_datasets(Manager(), ["group"]) == {"a": ("org/data", "en"), "inline": ("json", None)}
+    assert needs_hub("org/data") and not needs_hub("json") and not needs_hub(str(Path(__file__).parent))
