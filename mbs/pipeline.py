@@ -86,6 +86,25 @@ def check_writable(directory: Path) -> None:
                         f"hydra.run.dir (or hydra.sweep.dir) to a writable directory") from None
 
 
+def check_creatable(directory: Path, key: str = "hydra.run.dir") -> None:
+    """Fail before Hydra makes ``directory`` (run.py, before anything else) if it cannot be made or written: its
+    nearest existing ancestor must be a writable directory. Creates nothing but a removed probe file."""
+    import tempfile
+
+    existing = Path(directory)
+    while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"the output directory {directory} cannot be made: {existing} is a file, not a directory; "
+                        f"set {key} to a writable directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mbs-write-check"):
+            pass
+    except OSError as err:
+        raise UserError(f"the output directory {directory} is not writable ({existing}: {err.strerror or err}); "
+                        f"set {key} to a writable directory") from None
+
+
 @dataclass
 class Prepared:
     run: Run
@@ -355,7 +374,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     try:
         result = execute(cfg, prepared, output_dir)
         print(format_table(result), flush=True)
-        logger.log_results(result)
+        try:
+            logger.log_results(result)
+        except OSError as err:  # e.g. the disk filled while W&B copied figures: the result files come first
+            log.warning("the logger could not record the results (%s: %s); writing the result files anyway",
+                        type(err).__name__, err.strerror or err)
         try:
             if result.similarity:  # before results.json, which marks the run as finished
                 write_similarity(output_dir, result.similarity, model_label(result))
@@ -367,5 +390,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     except BaseException:
         logger.finish(failed=True)
         raise
-    logger.finish()
+    try:
+        logger.finish()
+    except OSError as err:  # the result files are written; a logger that cannot flush (full disk) loses only itself
+        log.warning("the logger could not finish (%s: %s); the result files are written", type(err).__name__,
+                    err.strerror or err)
     return result.to_json()

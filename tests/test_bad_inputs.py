@@ -247,3 +247,74 @@ def test_tasks_on_local_data_need_no_hub():
 
     assert task_datasets(Manager(), ["group"]) == {"a": ("org/data", "en"), "inline": ("json", None)}
     assert needs_hub("org/data") and not needs_hub("json") and not needs_hub(str(Path(__file__).parent))
+
+
+# -- disks ------------------------------------------------------------------------------------------------------------
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_output_path_through_a_file_fails_in_one_line_before_hydra(tmp_path):
+    from conftest import ROOT
+
+    import subprocess
+    import sys
+
+    (tmp_path / "file").write_text("")
+    for args in ([f"hydra.run.dir={tmp_path}/file/run"], ["--multirun", f"hydra.sweep.dir={tmp_path}/file/${{now:%H}}"]):
+        proc = subprocess.run([sys.executable, "run.py", *args, "model=tiny-llama", "logger=none"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].startswith(f"mbs: error: the output directory {tmp_path}/file") and "is a file" in lines[0]
+        assert ("hydra.sweep.dir" in lines[0]) == ("--multirun" in args)
+
+
+def test_a_read_only_output_path_fails_in_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    def read_only(**kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(mbs.pipeline.UserError, match=r"the output directory .*/a/b is not writable \(.*: Read-only "
+                                                     r"file system\); set hydra.run.dir") as err:
+        mbs.pipeline.check_creatable(tmp_path / "a" / "b")
+    one_line(err)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_full_disk_while_the_logger_copies_figures_still_writes_the_results(tmp_path, monkeypatch, caplog):
+    from mbs.record.loggers import NoLogger
+
+    monkeypatch.setattr(NoLogger, "log_results", lambda self, results: _enospc())
+    monkeypatch.setattr(NoLogger, "finish", lambda self, failed=False: _enospc())
+    result = mbs.pipeline.run(composed(*TINY), tmp_path)
+    assert (tmp_path / "results.json").is_file() and result["languages"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("logger could not record the results (OSError: No space left on device)" in w for w in warnings)
+
+
+def test_a_full_cache_disk_runs_uncached(tmp_path, monkeypatch, caplog):
+    """safetensors reports a full disk as a SafetensorError, not an OSError: the run still goes on uncached."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MBS_CACHE", str(cache))
+    real, refused = safetensors.torch.save_file, []
+
+    def full(tensors, filename, *args, **kwargs):
+        if str(filename).startswith(str(cache)):
+            refused.append(filename)
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    prepared = mbs.pipeline.prepare(composed(*TINY))
+    assert prepared.calibration.total == 8 and sorted(prepared.windows) == ["en", "sw"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("running uncached" in w and "SafetensorError" in w for w in warnings), warnings
+    assert refused and not list(cache.rglob("*.safetensors"))
