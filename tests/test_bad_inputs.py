@@ -3,7 +3,7 @@ the model loads where possible (issue 22): local model directories, local data, 
 report directories and the Python API."""
 import errno
 import os
-import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -318,3 +318,40 @@ def test_a_full_cache_disk_runs_uncached(tmp_path, monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("running uncached" in w and "SafetensorError" in w for w in warnings), warnings
     assert refused and not list(cache.rglob("*.safetensors"))
+
+
+# -- reports ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    mbs.pipeline.run(composed(*TINY), run_dir)
+    return run_dir
+
+
+def test_a_truncated_results_file_is_named_and_the_intact_jobs_reported(finished_run, tmp_path, capsys):
+    from mbs.cli import main
+
+    sweep = tmp_path / "sweep"
+    text = (finished_run / "results.json").read_text()
+    for number, (sparsity, content) in enumerate([("0.3", text), ("0.5", text[: len(text) // 2])]):
+        job = sweep / f"{number}_compressor.sparsity={sparsity}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- compressor.sparsity={sparsity}\n")
+        (job / "results.json").write_text(content)
+    assert main("report", [str(sweep)]) == 0
+    out = capsys.readouterr().out
+    broken = [line for line in out.splitlines() if "unreadable" in line and "results.json" in line]
+    assert "1 done, 1 unreadable" in out and len(broken) == 1
+    assert f"{sweep}/1_compressor.sparsity=0.5/results.json is not a readable results file" in broken[0]
+    report = (sweep / "report" / "report.md").read_text()
+    assert "compressor.sparsity=0.3" in report and "compressor.sparsity=0.5 " not in report.split("```")[-1]
+
+
+def test_a_single_run_directory_is_reported(finished_run, capsys):
+    from mbs.cli import main
+
+    assert main("report", [str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert f"mbs: run {finished_run}: 1 job: 1 done" in out
+    assert re.search(r"\| sw \| [\d.]+ \| [\d.]+ \| [\d.]+ \(×[\d.]+\) \|", (finished_run / "report" / "report.md").read_text())
