@@ -74,7 +74,7 @@ def main(cfg: DictConfig) -> float | None:
 def check_output(args: list[str]) -> None:
     """The run (or sweep) directory can be made and written, said in one line before Hydra tries (Hydra's own error
     is a traceback): hydra.run.dir / hydra.sweep.dir as given, up to its first ${...}, or the configured default."""
-    from mbs.pipeline import UserError, check_creatable
+    from mbs.paths import check_creatable
 
     if {"-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve"} & set(args):
         return  # Hydra prints and exits without making a directory
@@ -85,7 +85,7 @@ def check_output(args: list[str]) -> None:
     directory = Path(static) if static.endswith("/") or not interpolated else Path(static).parent
     try:
         check_creatable(directory, key)
-    except UserError as err:
+    except ValueError as err:
         print(f"mbs: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -86,25 +86,6 @@ def check_writable(directory: Path) -> None:
                         f"hydra.run.dir (or hydra.sweep.dir) to a writable directory") from None
 
 
-def check_creatable(directory: Path, key: str = "hydra.run.dir") -> None:
-    """Fail before Hydra makes ``directory`` (run.py, before anything else) if it cannot be made or written: its
-    nearest existing ancestor must be a writable directory. Creates nothing but a removed probe file."""
-    import tempfile
-
-    existing = Path(directory)
-    while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"the output directory {directory} cannot be made: {existing} is a file, not a directory; "
-                        f"set {key} to a writable directory")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mbs-write-check"):
-            pass
-    except OSError as err:
-        raise UserError(f"the output directory {directory} is not writable ({existing}: {err.strerror or err}); "
-                        f"set {key} to a writable directory") from None
-
-
 @dataclass
 class Prepared:
     run: Run

@@ -278,9 +278,11 @@ def test_a_read_only_output_path_fails_in_one_line(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
-    with pytest.raises(mbs.pipeline.UserError, match=r"the output directory .*/a/b is not writable \(.*: Read-only "
+    from mbs.paths import check_creatable
+
+    with pytest.raises(ValueError, match=r"the output directory .*/a/b is not writable \(.*: Read-only "
                                                      r"file system\); set hydra.run.dir") as err:
-        mbs.pipeline.check_creatable(tmp_path / "a" / "b")
+        check_creatable(tmp_path / "a" / "b")
     one_line(err)
     assert not (tmp_path / "a").exists()
 
@@ -355,3 +357,76 @@ def test_a_single_run_directory_is_reported(finished_run, capsys):
     out = capsys.readouterr().out
     assert f"mbs: run {finished_run}: 1 job: 1 done" in out
     assert re.search(r"\| sw \| [\d.]+ \| [\d.]+ \| [\d.]+ \(×[\d.]+\) \|", (finished_run / "report" / "report.md").read_text())
+
+
+# -- the Python API ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_inputs(tmp_path_factory):
+    import mbs
+    from mbs.models.tiny import tiny_model, tiny_tokenizer
+    from mbs.cache import Cache
+
+    tokenizer = tiny_tokenizer(Cache(tmp_path_factory.mktemp("tok")))
+    model = tiny_model("llama", {}).eval().requires_grad_(False)
+    calibration = mbs.calibration_mixture(tokenizer, mbs.UDHRCorpus(), {"en": 0.5, "sw": 0.5}, seqlen=32)
+    windows = mbs.evaluation_windows(tokenizer, mbs.UDHRCorpus(), ["en"], seqlen=32)
+    return tokenizer, model, calibration, windows
+
+
+def _api_cases(tokenizer, model, calibration, windows, tmp_path):
+    import mbs
+    from mbs.models.tiny import tiny_model
+
+    with torch.device("meta"):
+        meta = tiny_model("llama", {})
+    (tmp_path / "file").write_text("")
+    udhr = mbs.UDHRCorpus()
+    return {
+        "compressor str": (lambda: mbs.compress_model(model, "wanda", calibration), TypeError,
+                           r"compressor must be an mbs compressor, e.g. mbs.Wanda\(sparsity=0.5\).*not 'wanda' \(str\)"),
+        "compressor None": (lambda: mbs.compress_model(model, None, calibration), TypeError,
+                            r"compressor must be an mbs compressor.*not NoneType"),
+        "calibration None": (lambda: mbs.compress_model(model, mbs.Wanda(), None), TypeError,
+                             r"calibration must be a CalibrationSet \(from mbs.calibration_mixture\), not NoneType"),
+        "model str": (lambda: mbs.perplexity("gemma", windows), TypeError,
+                      r"model must be a torch.nn.Module .*not 'gemma' \(str\)"),
+        "model None": (lambda: mbs.compress_model(None, mbs.Wanda(), calibration), TypeError,
+                       r"model must be a torch.nn.Module"),
+        "load None": (lambda: mbs.load(None), TypeError, r"spec must be a conf/model option name"),
+        "meta model": (lambda: mbs.compress_model(meta, mbs.Wanda(), calibration), ValueError,
+                       r"model has weights on the meta device \(no data, e.g. model.embed_tokens.weight\)"),
+        "string sparsity": (lambda: mbs.Wanda(sparsity="0.5"), TypeError,
+                            r"Wanda\(sparsity='0.5'\): sparsity must be a float, not str"),
+        "string bits": (lambda: mbs.GPTQ(bits="4"), TypeError, r"GPTQ\(bits='4'\): bits must be an int, not str"),
+        "out-of-vocabulary ids": (lambda: mbs.perplexity(model, {"en": [torch.tensor([[1, 2, 99999]])]}), ValueError,
+                                  r"windows\['en'\]\[0\] holds token ids outside the model's vocabulary \[0, 512\): "
+                                  r"min 1, max 99999"),
+        "float ids": (lambda: mbs.perplexity(model, {"en": [torch.tensor([[1.0, 2.0]])]}), TypeError,
+                      r"windows\['en'\]\[0\] holds torch.float32 values: token ids must be integers"),
+        "windows list": (lambda: mbs.perplexity(model, [torch.tensor([[1, 2]])]), TypeError,
+                         r"windows must be a mapping of language code"),
+        "corpus str": (lambda: mbs.calibration_mixture(tokenizer, "udhr", {"en": 1.0}, seqlen=32), TypeError,
+                       r"corpus must be a corpus, e.g. mbs.UDHRCorpus\(\).*not 'udhr' \(str\)"),
+        "distribution list": (lambda: mbs.calibration_mixture(tokenizer, udhr, ["en"], seqlen=32), TypeError,
+                              r"distribution must be a mapping of language code to training share"),
+        "tokenizer None": (lambda: mbs.evaluation_windows(None, udhr, ["en"], seqlen=32), TypeError,
+                           r"tokenizer must be a tokenizer"),
+        "languages str": (lambda: mbs.evaluation_windows(tokenizer, udhr, "en", seqlen=32), TypeError,
+                          r"languages must be a list of language codes, e.g. \['en', 'sw'\], not 'en' \(str\)"),
+        "config str": (lambda: mbs.compress_model(model, mbs.Wanda(), calibration, config="cpu"), TypeError,
+                       r"config must be an mbs.EngineConfig or None, not 'cpu' \(str\)"),
+        "export through a file": (lambda: mbs.export(model, tmp_path / "file" / "model", mbs.Wanda(), tokenizer),
+                                  ValueError, r"the output directory .*file/model cannot be made: .*file is a file"),
+    }
+
+
+def test_the_python_api_names_the_wrong_argument(api_inputs, tmp_path):
+    model = api_inputs[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, (call, kind, message) in _api_cases(*api_inputs, tmp_path).items():
+        with pytest.raises(kind, match=message) as err:
+            call()
+        assert "\n" not in str(err.value), name
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was compressed
+    assert not (tmp_path / "file").read_text()
