@@ -111,37 +111,6 @@ def _dequantize_gguf() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def load_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
-    """The model in eval mode on the CPU, in the spec's dtype; the engine moves layers to the compute device."""
-    with _no_loading_bar():
-        return _load_model(spec, seed)
-
-
-def _load_model(spec: ModelSpec, seed: int) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch_dtype(spec.dtype)
-    if spec.source == "tiny":
-        from mbs.models.tiny import tiny_model
-
-        model = tiny_model(spec.tiny_arch, spec.tiny_config, seed=seed, dtype=dtype)
-    elif spec.source == "gguf_package":
-        # GGUF tensors are de-quantized on load (slow); keep a safetensors copy so later runs load in seconds.
-        built: dict[str, nn.Module] = {}
-
-        def convert(directory: Path) -> None:
-            built["model"] = _convert(spec, dtype, directory)
-
-        converted = model_cache(spec).entry(_converted_name(spec), convert, f"converted model {spec.name}")
-        model = built["model"] if "model" in built else AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
-    else:
-        model = _checkpoint(spec, dtype)
-    model.eval()
-    model.requires_grad_(False)
-    set_layers_path(model, spec.layers_path)
-    return model
-
-
 def _checkpoint(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
     """A hub or local checkpoint, refused in one line naming the file or the weights when transformers cannot load
     it (a truncated file, a pickle holding more than tensors) or would fill weights in at random (missing from the
@@ -187,6 +156,37 @@ def check_loading_info(where: str, info: dict) -> None:
     if unexpected:
         log.warning("%s: %d weight(s) in the checkpoint are not used by the model: %s", where, len(unexpected),
                     ", ".join(unexpected[:4]))
+
+
+def load_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
+    """The model in eval mode on the CPU, in the spec's dtype; the engine moves layers to the compute device."""
+    with _no_loading_bar():
+        return _load_model(spec, seed)
+
+
+def _load_model(spec: ModelSpec, seed: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(spec.dtype)
+    if spec.source == "tiny":
+        from mbs.models.tiny import tiny_model
+
+        model = tiny_model(spec.tiny_arch, spec.tiny_config, seed=seed, dtype=dtype)
+    elif spec.source == "gguf_package":
+        # GGUF tensors are de-quantized on load (slow); keep a safetensors copy so later runs load in seconds.
+        built: dict[str, nn.Module] = {}
+
+        def convert(directory: Path) -> None:
+            built["model"] = _convert(spec, dtype, directory)
+
+        converted = model_cache(spec).entry(_converted_name(spec), convert, f"converted model {spec.name}")
+        model = built["model"] if "model" in built else AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+    else:
+        model = _checkpoint(spec, dtype)
+    model.eval()
+    model.requires_grad_(False)
+    set_layers_path(model, spec.layers_path)
+    return model
 
 
 def model_skeleton(spec: ModelSpec) -> nn.Module:
