@@ -71,6 +71,26 @@ def main(cfg: DictConfig) -> float | None:
     return results["summary"]["mean_log_ratio"]  # the table was printed by the run (or the skip notice)
 
 
+def check_output(args: list[str]) -> None:
+    """The run (or sweep) directory can be made and written, said in one line before Hydra tries (Hydra's own error
+    is a traceback): hydra.run.dir / hydra.sweep.dir as given, up to its first ${...}, or the configured default."""
+    from mbs.paths import check_creatable
+
+    if {"-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve"} & set(args):
+        return  # Hydra prints and exits without making a directory
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in args if "=" in a and a.split("=", 1)[0].lstrip("+~") == key]
+    value = given[-1] if given else ("multirun/" if key == "hydra.sweep.dir" else "outputs/")  # conf/config.yaml
+    static, interpolated = value.split("${")[0], "${" in value
+    directory = Path(static) if static.endswith("/") or not interpolated else Path(static).parent
+    try:
+        check_creatable(directory, key)
+    except ValueError as err:
+        print(f"mbs: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     check_choices(sys.argv[1:])
+    check_output(sys.argv[1:])
     main()

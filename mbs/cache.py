@@ -159,7 +159,7 @@ class Cache:
                     build(tmp)
                     atomic_write(tmp / MANIFEST, json.dumps({"format": FORMAT, "what": what,
                                                              "files": manifest_of(tmp)}, indent=1))
-            except OSError as err:
+            except (OSError, *_write_errors()) as err:  # a full or read-only disk, whichever library wrote
                 if path.exists():
                     raise
                 return self._uncached(name, build, what, err)
@@ -193,18 +193,28 @@ class Cache:
             log.info("cache: removing %s, left by a killed run", p)
             _remove(p)
 
-    def _uncached(self, name: str, build: Callable[[Path], None], what: str, err: OSError) -> Path:
+    def _uncached(self, name: str, build: Callable[[Path], None], what: str, err: Exception) -> Path:
         if not any(w == self.root or w in self.root.parents or self.root in w.parents for w in _warned_unwritable):
             _warned_unwritable.add(self.root)
             log.warning("cache: cannot write %s (%s: %s); running uncached, so this run rebuilds %s and every "
                         "later cache entry itself (set MBS_CACHE to a writable directory to keep them)",
-                        self.root, type(err).__name__, err.strerror or err, what)
+                        self.root, type(err).__name__, getattr(err, "strerror", None) or err, what)
         scratch = Path(tempfile.mkdtemp(prefix="mbs-uncached-"))
         atexit.register(shutil.rmtree, scratch, True)
         path = scratch / Path(name).name
         path.mkdir()
         build(path)
         return path
+
+
+def _write_errors() -> tuple[type[Exception], ...]:
+    """What libraries that write entries raise for a failed write: safetensors reports a full disk as a
+    SafetensorError (an IoError inside), not an OSError; an entry's build only writes safetensors files."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
 
 
 def cache_dir(configured: str | Path) -> Path:

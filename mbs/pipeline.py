@@ -199,7 +199,10 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     timings = dict(prepared.timings)
     start, started = time.perf_counter(), time.time() - timings["data_s"]
     with timed(timings, "load_s"):
-        model = load_model(spec, seed=run.seed)
+        try:
+            model = load_model(spec, seed=run.seed)
+        except ValueError as err:  # a checkpoint the loader refused (mbs/models/loading.py): one line naming it
+            raise UserError(str(err)) from err
 
     def evaluate() -> dict:
         return perplexity(model, prepared.windows, device=run.engine.device, batch_size=run.eval.batch_size,
@@ -359,7 +362,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     try:
         result = execute(cfg, prepared, output_dir)
         print(format_table(result), flush=True)
-        logger.log_results(result)
+        try:
+            logger.log_results(result)
+        except OSError as err:  # e.g. the disk filled while W&B copied figures: the result files come first
+            log.warning("the logger could not record the results (%s: %s); writing the result files anyway",
+                        type(err).__name__, err.strerror or err)
         try:
             if result.similarity:  # before results.json, which marks the run as finished
                 write_similarity(output_dir, result.similarity, model_label(result))
@@ -371,5 +378,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     except BaseException:
         logger.finish(failed=True)
         raise
-    logger.finish()
+    try:
+        logger.finish()
+    except OSError as err:  # the result files are written; a logger that cannot flush (full disk) loses only itself
+        log.warning("the logger could not finish (%s: %s); the result files are written", type(err).__name__,
+                    err.strerror or err)
     return result.to_json()

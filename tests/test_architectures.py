@@ -295,9 +295,18 @@ def test_a_model_with_no_causal_lm_class_is_one_line(tmp_path):
     from mbs.models.spec import ModelSpec
 
     T5Config(num_layers=1, d_model=8, d_ff=8, num_heads=1, d_kv=8, vocab_size=16).save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").touch()  # a local model directory must hold weights (checked first)
+    (tmp_path / "model.safetensors").write_bytes(b"x")  # a local model directory must hold weights (checked first)
+    with pytest.raises(ValueError, match=r"config.json describes an encoder-decoder model, not a causal language "
+                                         r"model") as err:  # found in config.json, before any class is built
+        ModelSpec(name="t5", source="hub", path=str(tmp_path))
+    assert "\n" not in str(err.value)
+    config = tmp_path / "config.json"  # a config that does not say it is an encoder-decoder: the skeleton finds out
+    config.write_text(config.read_text().replace('"is_encoder_decoder": true', '"is_encoder_decoder": false'))
+    (tmp_path / "model.safetensors").unlink()
+    spec = ModelSpec(name="t5", source="tiny", tiny_arch="llama")
+    spec.source, spec.path = "hub", str(tmp_path)
     with pytest.raises(ValueError, match=r"^model type 't5' \(.*\) has no causal-LM class in transformers") as err:
-        model_skeleton(ModelSpec(name="t5", source="hub", path=str(tmp_path)))
+        model_skeleton(spec)
     assert "\n" not in str(err.value)
 
 

@@ -65,7 +65,7 @@ def test_bad_override_fails_at_composition(override):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["eval.languages=[en,xx]"], "unknown language code 'xx'; known codes: "),
+    (["eval.languages=[en,xx]"], "unknown language code 'xx': not a BCP-47 language tag"),
     (["eval.languages=[en,ki]"], "has no text for ki; it has: "),
     (["sampler=monolingual", "sampler.language=tum"], "has no text for tum"),
     (["compressor.sparsity=1.0"], "compressor.sparsity=1.0 is outside [0, 1)"),

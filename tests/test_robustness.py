@@ -162,8 +162,9 @@ def test_local_model_directories_are_checked_before_loading(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match=r"holds no weights \(\*.safetensors, pytorch_model\*.bin, \*.gguf\)"):
         ModelSpec(name="m", source="hub", path=str(tmp_path))
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    ModelSpec(name="m", source="hub", path=str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # tests/test_bad_inputs.py: every broken weight file
+    with pytest.raises(ValueError, match=r"model.safetensors is empty \(0 bytes\)"):
+        ModelSpec(name="m", source="hub", path=str(tmp_path))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -5,6 +5,8 @@ Linear module's inputs and how it edits that module's weight given the statistic
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -30,6 +32,25 @@ class Compressor:
 
     needs_statistics: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass's ``__post_init__`` first checks the types of the scalar fields, so that
+        ``mbs.Wanda(sparsity="0.5")`` says which argument is wrong instead of failing inside a comparison."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_types", False):
+            return
+
+        @functools.wraps(own)
+        def post_init(self, *args: Any, **kw: Any) -> None:
+            check_field_types(self)
+            own(self, *args, **kw)
+
+        post_init._checks_types = True
+        cls.__post_init__ = post_init
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
     @property
     def is_noop(self) -> bool:
         """True when compress() would change no weight (the engine then skips the layer-wise pass)."""
@@ -47,3 +68,24 @@ class Compressor:
         [out, in] and ``in_features`` (GPT-2 Conv1D, one MoE expert's slice of fused weights): write into
         ``module.weight`` (``.data[mask] = 0``, ``.data.copy_``), never assign a new tensor to it."""
         raise NotImplementedError
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(obj: Any) -> None:
+    """A TypeError naming the field of a dataclass whose scalar value (float, int, bool, str, optionally None) is of
+    another type; fields of other types are left to their own checks."""
+    for f in dataclasses.fields(obj):
+        kind = str(f.type).replace("typing.", "").replace(" ", "")
+        optional = kind.endswith("|None") or kind.startswith("None|") or kind.startswith("Optional[")
+        kind = kind.removesuffix("|None").removeprefix("None|").removeprefix("Optional[").removesuffix("]") \
+            if optional else kind
+        allowed = _SCALARS.get(kind)
+        value = getattr(obj, f.name, None)
+        if allowed is None or (value is None and optional):
+            continue
+        if not isinstance(value, allowed) or (kind != "bool" and isinstance(value, bool)):
+            raise TypeError(f"{type(obj).__name__}({f.name}={value!r}): {f.name} must be {'an' if kind == 'int' else 'a'} "
+                            f"{kind}{' or None' if optional else ''}, not {type(value).__name__} "
+                            f"(compressor.{f.name} in a run config)")

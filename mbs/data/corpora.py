@@ -59,9 +59,10 @@ def check_available(corpus: Corpus, languages: list[str], what: str) -> None:
     have = set(corpus.languages())
     missing = [code for code in languages if code not in have]
     if missing:
-        raise ValueError(
-            f"{what}: corpus {corpus.name!r} has no text for {', '.join(missing)}; it has: {', '.join(sorted(have))}"
-        )
+        explain = getattr(corpus, "missing_reason", None)  # a corpus that can say why (local files)
+        why = f" ({'; '.join(explain(code) for code in missing)})" if explain else ""
+        raise ValueError(f"{what}: corpus {corpus.name!r} has no text for {', '.join(missing)}{why}; "
+                         f"it has: {', '.join(sorted(have)) or 'none'}")
 
 
 def _udhr_dir() -> Path:

@@ -1,11 +1,13 @@
-"""One code table for every language MBS knows.
+"""One code table for the languages MBS has sources for, and any other BCP-47 language for a user's own data.
 
 Our codes are ISO 639-1 where one exists (ISO 639-3 otherwise), with a script subtag only where the script is what
 distinguishes two varieties (``zh-Hans``/``zh-Hant``). Each corpus maps these codes to its own through the columns
-of this table, so there is one place to add a language or a source.
+of this table, so there is one place to add a language or a source. A valid BCP-47 tag outside the table (``yue``,
+``gsw``, ``sr-Latn``) is a language too, with its name and likely script from ``langcodes`` and no hub source.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -95,12 +97,43 @@ PAPER_LANGUAGES: tuple[str, ...] = (
 )
 
 
+NOT_LANGUAGES = ("und", "mul", "mis", "zxx")  # valid BCP-47 tags that name no one language
+
+
 def get_language(code: str) -> Language:
-    """The table row for ``code``, or a one-line error that lists the codes that exist."""
-    try:
+    """The table row for ``code``; for another valid BCP-47 tag in its canonical form, a row from ``langcodes``
+    (name, ISO 639-3, likely script; no hub source); else a one-line error saying what is wrong."""
+    if not isinstance(code, str):
+        raise ValueError(f"language code {code!r} is a {type(code).__name__}, not a string such as 'sw'")
+    if code in LANGUAGES:
         return LANGUAGES[code]
-    except KeyError:
-        raise ValueError(f"unknown language code {code!r}; known codes: {', '.join(sorted(LANGUAGES))}") from None
+    return _bcp47(code)
+
+
+@functools.lru_cache(maxsize=None)
+def _bcp47(code: str) -> Language:
+    import langcodes
+
+    example = "e.g. sw, yue, zh-Hant, sr-Latn"
+    try:
+        valid = langcodes.tag_is_valid(code) and not code.lower().startswith("x-")
+    except (ValueError, langcodes.LanguageTagError):
+        valid = False
+    if not valid or code.split("-")[0].lower() in NOT_LANGUAGES:
+        raise ValueError(f"unknown language code {code!r}: not a BCP-47 language tag ({example})")
+    canonical = langcodes.standardize_tag(code)
+    if canonical != code:
+        raise ValueError(f"language code {code!r}: write it as {canonical!r} (the canonical BCP-47 form MBS keys by)")
+    tag = langcodes.Language.get(code)
+    try:
+        name = tag.display_name()
+    except ImportError:  # names come from the language_data package
+        name = code
+    try:
+        iso639_3 = tag.to_alpha3()
+    except LookupError:
+        iso639_3 = tag.language or code
+    return Language(code, name, iso639_3, tag.maximize().script or "Zyyy")
 
 
 def check_languages(codes: list[str] | tuple[str, ...], what: str = "language") -> list[str]:

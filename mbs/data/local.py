@@ -1,6 +1,7 @@
 """Local files as a corpus: a user's own text, or an offline copy of a hub corpus.
 
-Layout (``<code>`` is our code from the code table, e.g. ``sw``, ``zh-Hans``)::
+Layout (``<code>`` is a BCP-47 language code in its canonical form: our table's, e.g. ``sw``, ``zh-Hans``, or any
+other, e.g. ``yue``, ``sr-Latn``; every data file there must be named for one)::
 
     DIR/<code>.txt | .jsonl | .parquet                     one file for both splits, or
     DIR/calibration/<code>.*  and  DIR/evaluation/<code>.*  one file per split
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mbs.data.corpora import SPLITS, capped, check_available, check_split
-from mbs.data.languages import LANGUAGES
+from mbs.data.languages import LANGUAGES, get_language
 from mbs.extras import require
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
@@ -51,28 +52,64 @@ class LocalCorpus:
     def per_split(self) -> bool:
         return all((self.root / split).is_dir() for split in SPLITS)
 
-    def _file(self, directory: Path, language: str) -> Path | None:
-        found = [directory / f"{language}{ext}" for ext in EXTENSIONS if (directory / f"{language}{ext}").is_file()]
-        if len(found) > 1:
-            raise ValueError(f"{directory} has {', '.join(p.name for p in found)}: keep one file per language")
-        return found[0] if found else None
+    def _dirs(self) -> list[Path]:
+        return [self.root / split for split in SPLITS] if self.per_split else [self.root]
+
+    def _files(self, directory: Path) -> dict[str, Path]:
+        """Language code -> file in one directory. Every ``*.txt|.jsonl|.parquet`` entry there must be a usable file
+        named for a language (any BCP-47 code): anything else is refused in one line naming it, not skipped."""
+        found: dict[str, list[Path]] = {}
+        for path in sorted(directory.iterdir()):
+            if path.suffix not in EXTENSIONS or path.name.startswith("."):
+                continue
+            if path.is_symlink() and not path.exists():
+                raise ValueError(f"{path} is a symbolic link that leads nowhere (a loop or a missing target)")
+            if path.is_dir():
+                raise ValueError(f"{path} is a directory, not a file of text: data.path holds one file per language")
+            if not path.is_file():
+                raise ValueError(f"{path} is not a regular file")
+            try:
+                code = get_language(path.stem).code
+            except ValueError as err:
+                raise ValueError(f"{path} is not named for a language: {err}; name it <code>{path.suffix}") from None
+            found.setdefault(code, []).append(path)
+        for code, paths in found.items():
+            if len(paths) > 1:
+                raise ValueError(f"{directory} has {', '.join(p.name for p in paths)}: keep one file per language")
+        return {code: paths[0] for code, paths in found.items()}
 
     def languages(self) -> list[str]:
-        dirs = [self.root / s for s in SPLITS] if self.per_split else [self.root]
-        return [code for code in LANGUAGES if all(self._file(d, code) for d in dirs)]
+        """Codes with a file in every split's directory: the table's in table order, then any other, sorted."""
+        files = [set(self._files(d)) for d in self._dirs()]
+        have = set.intersection(*files)
+        return [c for c in LANGUAGES if c in have] + sorted(have - set(LANGUAGES))
+
+    def missing_reason(self, language: str) -> str:
+        """Why ``language`` has no text here, for check_available's one line."""
+        dirs = self._dirs()
+        holding = [d / f.name for d in dirs for c, f in self._files(d).items() if c == language]
+        if holding:
+            lacking = [str(d) for d in dirs if language not in self._files(d)]
+            return (f"{' and '.join(lacking)} has no {language}.* file while {holding[0]} exists "
+                    f"(each language needs a file in both calibration/ and evaluation/)")
+        names = [f"{language}{ext}" for ext in EXTENSIONS]
+        return f"no {', '.join(names[:-1])} or {names[-1]} in {' or '.join(str(d) for d in dirs)}"
 
     def source_files(self, language: str, split: str) -> list[Path]:
         """The file(s) a language and split are read from (their size and mtime key the token cache)."""
-        path = self._file(self.root / split if self.per_split else self.root, language)
+        path = self._files(self.root / split if self.per_split else self.root).get(language)
         return [path] if path else []
 
     def texts(self, language: str, split: str) -> list[str]:
         check_split(split)
         check_available(self, [language], f"local corpus {self.root}")
-        docs = read_documents(self.source_files(language, split)[0], self.text_field)
+        path = self.source_files(language, split)[0]
+        docs = read_documents(path, self.text_field)
+        if not docs:
+            raise ValueError(f"{path} holds no text (no non-empty document)")
         if not self.per_split:
             if len(docs) < 2:
-                raise ValueError(f"{self.source_files(language, split)[0]} has {len(docs)} document(s); one file "
+                raise ValueError(f"{path} has {len(docs)} document(s); one file "
                                  f"needs >= 2 to give disjoint calibration and evaluation splits")
             held = max(1, math.ceil(len(docs) * self.eval_fraction))
             docs = docs[-held:] if split == "evaluation" else docs[:-held]
@@ -90,7 +127,11 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
             raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); "
                              f"re-encode it as UTF-8") from None
         docs = re.split(r"\n\s*\n", text) if path.suffix == ".txt" else _read_jsonl(path, text, text_field)
-    return [d.strip() for d in docs if d and d.strip()]
+    docs = [d.strip() for d in docs if d and d.strip()]
+    for doc in docs:
+        if "\x00" in doc:
+            raise ValueError(f"{path} holds NUL bytes (binary data, not text): give UTF-8 text")
+    return docs
 
 
 def _read_jsonl(path: Path, text: str, text_field: str) -> list[str]:

@@ -87,7 +87,8 @@ class ProportionalSampler(Sampler):
         if missing:
             raise ValueError(
                 f"the model's language distribution has no share for {', '.join(missing)}; "
-                f"it covers: {', '.join(distribution)}"
+                f"it covers: {', '.join(distribution)} (calibrate on those with sampler.languages=[...], or on any "
+                f"language with sampler=uniform)"
             )
         return {k: float(distribution[k]) for k in langs}
 

@@ -244,12 +244,15 @@ def prepare_zeroshot(tasks: list[str], config: ZeroShotConfig, cache: Path, lang
     """Generate our offline task files and check the names (a ValueError names a bad one); None without tasks."""
     if not tasks:
         return None
+    from mbs.evaluate.task_data import check_task_data
     from mbs.evaluate.udhr_mc import write_tasks
 
     paths = [write_tasks(cache, languages, udhr)]
     if config.include_path:
         paths.append(Path(config.include_path).expanduser().resolve())
-    return ZeroShot(list(tasks), config, task_manager(list(tasks), paths), seed)
+    manager = task_manager(list(tasks), paths)
+    check_task_data(manager, list(tasks))  # a hub dataset that cannot be had fails here, not after the dense eval
+    return ZeroShot(list(tasks), config, manager, seed)
 
 
 def _paired_stderr(dense: dict, compressed: dict) -> float | None:

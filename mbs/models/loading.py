@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mbs.cache import Cache, cache_dir
-from mbs.models.spec import ModelSpec, check_model_package
+from mbs.models.spec import WEIGHT_PATTERNS, ModelSpec, check_model_package
 from mbs.models.adapter import set_layers_path
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,53 @@ def _dequantize_gguf() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
+def _checkpoint(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    """A hub or local checkpoint, refused in one line naming the file or the weights when transformers cannot load
+    it (a truncated file, a pickle holding more than tensors) or would fill weights in at random (missing from the
+    checkpoint, or of the wrong shape) rather than load them; tied weights are not missing."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    local = Path(spec.path).expanduser()
+    where = f"model.path={spec.path!r}"
+    if local.is_dir():
+        files = sorted({p.name for pattern in WEIGHT_PATTERNS for p in local.glob(pattern)})
+        where = f"{local / files[0]}" if len(files) == 1 else f"{where} ({', '.join(files)})"
+    try:
+        model, info = _from_hub(AutoModelForCausalLM, spec, dtype=dtype, low_cpu_mem_usage=True,
+                                output_loading_info=True, ignore_mismatched_sizes=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{where}: refused to unpickle the weights, the file holds objects other than tensors (code "
+                         f"can run when such a file is loaded); use a safetensors copy of the model "
+                         f"(UnpicklingError)") from None
+    except (SafetensorError, RuntimeError, EOFError) as err:  # OSError: _from_hub says it in one line already
+        raise ValueError(f"{where}: the weights could not be loaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:160]})") from None
+    check_loading_info(where, info)
+    return model
+
+
+def check_loading_info(where: str, info: dict) -> None:
+    """Refuse a checkpoint that transformers loaded only by initialising weights at random: missing or of another
+    shape than the model's (``output_loading_info=True``); unexpected keys are ignored by transformers, said once."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if missing:
+        raise ValueError(f"{where}: the checkpoint lacks {len(missing)} weight(s) the model needs "
+                         f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); transformers would "
+                         f"initialise them at random: refusing (a partial or mislabelled checkpoint)")
+    if mismatched:
+        shown = ", ".join(f"{k} {tuple(a)} in the checkpoint vs {tuple(b)} in the model" for k, a, b in mismatched[:3])
+        raise ValueError(f"{where}: {len(mismatched)} weight(s) have the wrong shape ({shown}"
+                         f"{', ...' if len(mismatched) > 3 else ''}): the checkpoint does not match its config.json")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        log.warning("%s: %d weight(s) in the checkpoint are not used by the model: %s", where, len(unexpected),
+                    ", ".join(unexpected[:4]))
+
+
 def load_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
     """The model in eval mode on the CPU, in the spec's dtype; the engine moves layers to the compute device."""
     with _no_loading_bar():
@@ -135,7 +182,7 @@ def _load_model(spec: ModelSpec, seed: int) -> nn.Module:
         converted = model_cache(spec).entry(_converted_name(spec), convert, f"converted model {spec.name}")
         model = built["model"] if "model" in built else AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     else:
-        model = _from_hub(AutoModelForCausalLM, spec, dtype=dtype, low_cpu_mem_usage=True)
+        model = _checkpoint(spec, dtype)
     model.eval()
     model.requires_grad_(False)
     set_layers_path(model, spec.layers_path)

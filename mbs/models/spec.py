@@ -33,20 +33,62 @@ def check_model_package(name: str | None) -> None:
             f"or packages declaring a {MODEL_PACKAGE_ENTRY_POINTS!r} entry point (README: Security notes)")
 
 
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architectures MBS can load
+
+
 def check_local_model(path: Path) -> None:
-    """A local model directory must hold a readable config.json and weights: found here, not after the data."""
+    """What can be checked in a local model directory before loading, each failure one line naming the file: a
+    readable config.json of a decoder-only (causal) language model, and weight files that are there, not empty and,
+    for safetensors, with a readable header covering the whole file (a truncated download fails here)."""
     import json
 
     config = path / "config.json"
     if not config.is_file():
         raise ValueError(f"model.path={str(path)!r} is a directory without config.json (not a transformers model)")
     try:
-        json.loads(config.read_text(encoding="utf-8"))
+        values = json.loads(config.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"a JSON {type(values).__name__}, not an object")
     except (ValueError, OSError) as err:
         raise ValueError(f"model.path={str(path)!r}: config.json is corrupt ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:120]})") from None
-    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+    architectures = values.get("architectures") or []
+    if values.get("is_encoder_decoder") or (architectures and not any(
+            str(a).endswith(CAUSAL_SUFFIXES) for a in architectures)):
+        raise ValueError(f"model.path={str(path)!r}: config.json describes {', '.join(map(str, architectures)) or 'an'} "
+                         f"{'encoder-decoder ' if values.get('is_encoder_decoder') else ''}model, not a causal language "
+                         f"model (*ForCausalLM, *LMHeadModel): MBS compresses decoder-only language models")
+    weights = sorted({p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)})
+    if not weights:
         raise ValueError(f"model.path={str(path)!r} holds no weights ({', '.join(WEIGHT_PATTERNS)})")
+    for index in path.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a readable weight index ({type(err).__name__}: {err})") from None
+        absent = sorted(s for s in shards if not (path / s).is_file())
+        if absent:
+            raise ValueError(f"{index} names weight files that are not there: {', '.join(absent[:5])}")
+    for file in weights:
+        check_weight_file(file)
+
+
+def check_weight_file(file: Path) -> None:
+    """One weight file: not empty, and a safetensors file's header readable and covering the file (cheap: the header
+    is read, the tensors are memory-mapped, not loaded)."""
+    size = file.stat().st_size
+    if size == 0:
+        raise ValueError(f"weight file {file} is empty (0 bytes): a failed download or copy; fetch it again")
+    if file.suffix != ".safetensors":
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"weight file {file} ({size:,} bytes) is not a readable safetensors file, it is truncated "
+                         f"or corrupt ({str(err).splitlines()[0][:120]}); fetch it again") from None
 
 
 def name_from_path(path: str) -> str:

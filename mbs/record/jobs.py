@@ -69,6 +69,7 @@ def planned_jobs(sweep_dir: str | Path) -> list[list[str]] | None:
 class Job:
     overrides: list[str]
     status: str  # done | skipped | failed | incomplete (started, no outcome: running or killed) | missing
+    #              | unreadable (a results, skipped or failure file that cannot be read: named in ``error``)
     directory: Path | None = None
     results_path: Path | None = None
     error: str = ""
@@ -78,7 +79,20 @@ class Job:
 
 
 def _job_from_dir(directory: Path) -> Job:
-    overrides = list(OmegaConf.load(directory / ".hydra" / "overrides.yaml"))
+    """The job in ``directory``; a results, skipped or failure file that cannot be read makes it 'unreadable', with
+    the file named, so that the other jobs are still reported."""
+    try:
+        hydra_overrides = directory / ".hydra" / "overrides.yaml"
+        overrides = list(OmegaConf.load(hydra_overrides)) if hydra_overrides.exists() else []
+    except Exception as err:  # noqa: BLE001 - any YAML error: the job is named, the sweep still reported
+        return Job([], "unreadable", directory, error=f"{hydra_overrides}: {type(err).__name__}")
+    try:
+        return _job_state(directory, overrides)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return Job(overrides, "unreadable", directory, error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+def _job_state(directory: Path, overrides: list[str]) -> Job:
     if (directory / RESULTS).exists() and not (directory / FAILURE).exists():
         results = RunResult.read(directory / RESULTS)
         return Job(overrides, "done", directory, directory / RESULTS, experiment_id=results.experiment_id,
@@ -102,6 +116,9 @@ def collect_jobs(sweep_dir: str | Path) -> list[Job]:
     """Every job of a sweep directory, planned or found, with its status. A planned job with no directory is
     'missing'; job directories not in the plan (from an earlier, different launch into the same directory) are kept."""
     sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "multirun.yaml").exists() and (
+            (sweep_dir / RESULTS).exists() or (sweep_dir / ".hydra" / "overrides.yaml").exists()):
+        return [_job_from_dir(sweep_dir)]  # a single run's directory (python run.py): that run is the report
     found: dict[tuple[str, ...], Job] = {}
     for marker in sorted(sweep_dir.rglob(".hydra/overrides.yaml"), key=lambda p: (p.stat().st_mtime, str(p))):
         directory = marker.parent.parent
@@ -122,14 +139,16 @@ def collect_jobs(sweep_dir: str | Path) -> list[Job]:
 def format_status(jobs: list[Job], sweep_dir: str | Path) -> tuple[str, bool]:
     """A one-paragraph summary of a sweep and whether every planned job finished."""
     count = {s: sum(j.status == s for j in jobs if j.planned)
-             for s in ("done", "skipped", "failed", "incomplete", "missing")}
-    lines = [f"mbs: sweep {sweep_dir}: {len(jobs)} jobs: " + ", ".join(f"{v} {k}" for k, v in count.items() if v)]
+             for s in ("done", "skipped", "failed", "unreadable", "incomplete", "missing")}
+    single = len(jobs) == 1 and jobs[0].directory == Path(sweep_dir)  # a run's own directory (collect_jobs)
+    lines = [f"mbs: {'run' if single else 'sweep'} {sweep_dir}: {len(jobs)} job{'' if len(jobs) == 1 else 's'}: "
+             + ", ".join(f"{v} {k}" for k, v in count.items() if v)]
     extra = sum(not j.planned for j in jobs)
     if extra:
         lines[0] += f" (and {extra} earlier jobs not in this plan)"
     for job in jobs:
-        if job.planned and job.status in ("failed", "incomplete", "missing"):
+        if job.planned and job.status in ("failed", "unreadable", "incomplete", "missing"):
             where = f" ({job.directory})" if job.directory else ""
             lines.append(f"  {job.status}: {' '.join(job.overrides) or '(no overrides)'}{where}"
                          + (f": {job.error}" if job.error else ""))
-    return "\n".join(lines), count["failed"] + count["incomplete"] + count["missing"] == 0
+    return "\n".join(lines), count["failed"] + count["unreadable"] + count["incomplete"] + count["missing"] == 0

@@ -79,7 +79,13 @@ class RunResult:
 
     @classmethod
     def read(cls, path: str | Path) -> "RunResult":
-        return cls.from_json(json.loads(Path(path).read_text()))
+        """A results.json; one that cannot be read or parsed (truncated, edited) is a ValueError naming the file."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            detail = str(err).splitlines()[0][:120] if str(err) else ""
+            raise ValueError(f"{path} is not a readable results file, it is truncated or corrupt "
+                             f"({type(err).__name__}: {detail})") from None
 
 
 def format_share(fraction: float | None) -> str:
