@@ -3,6 +3,7 @@ Sweeps: `python run.py --multirun +sweep=demo` (sweeps/*.yaml); each job resumes
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,25 @@ def main(cfg: DictConfig) -> float | None:
     return results["summary"]["mean_log_ratio"]  # the table was printed by the run (or the skip notice)
 
 
+def main_one_line_errors() -> None:
+    """``main()`` with Hydra's multi-line composition errors (an unknown key, a value of the wrong type) as one line
+    naming the key, the value and what is allowed. HYDRA_FULL_ERROR=1 keeps Hydra's own report."""
+    from mbs.config import config_error_line
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing, so the error can be rewritten here
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001 - anything not about a config value is raised as it was
+        line = config_error_line(err)
+        if line is None:
+            raise
+        print(f"mbs: error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     check_choices(sys.argv[1:])
-    main()
+    main_one_line_errors()

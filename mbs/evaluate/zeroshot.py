@@ -37,6 +37,9 @@ class ZeroShotConfig:
     def __post_init__(self) -> None:
         if self.limit is not None and not self.limit > 0:
             raise ValueError(f"eval.zeroshot.limit={self.limit} must be > 0 (a count, or a fraction below 1) or null")
+        if self.limit is not None and self.limit >= 1 and self.limit != int(self.limit):
+            raise ValueError(f"eval.zeroshot.limit={self.limit} is neither a count (a whole number >= 1) nor a "
+                             f"fraction below 1; the harness would silently use {int(self.limit)}")
         if self.batch_size < 1:
             raise ValueError(f"eval.zeroshot.batch_size={self.batch_size} must be >= 1")
         if self.num_fewshot is not None and self.num_fewshot < 0:
