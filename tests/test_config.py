@@ -142,3 +142,25 @@ def test_run_py_reports_bad_keys_and_types_in_one_line(tmp_path, override, line)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(line), proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("model, overrides, message", [
+    ("tiny-gpt2", ["model.seqlen=1024"], "model.seqlen=1024 is more than the 512 positions tiny-gpt2 has"),
+    ("tiny-llama", ["calibration_seqlen=600"], "calibration_seqlen=600 is more than the 512 positions tiny-llama has"),
+    ("tiny-gemma3-multimodal", ["model.seqlen=513"], "model.seqlen=513 is more than the 512 positions"),
+])
+def test_a_sequence_longer_than_the_model_positions_is_refused_before_loading(model, overrides, message, monkeypatch):
+    from mbs.models import loading
+    from mbs.pipeline import UserError, prepare
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        prepare(compose_run(f"model={model}", *overrides))
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_without_a_position_limit_takes_any_length():
+    """BLOOM (ALiBi) declares no maximum: nothing to refuse."""
+    from mbs.models.loading import check_positions, model_skeleton
+
+    check_positions(model_skeleton(build(compose_run("model=tiny-bloom")).model).config, {"model.seqlen": 10**6}, "b")
