@@ -14,6 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from mbs.analyze.similarity import AnalysisConfig
 from mbs.compress.engine import EngineConfig
 from mbs.compress.registry import COMPRESSORS
+from mbs.data.calibration import REPEAT_LIMIT
 from mbs.data.corpora import UDHRCorpus
 from mbs.data.hub import HubCorpus
 from mbs.data.local import LocalCorpus
@@ -77,6 +78,8 @@ class RunConfig:
     # tokens per calibration segment; None: model.seqlen, shortened when the calibration text cannot hold one
     calibration_seqlen: Optional[int] = None
     dry_run: bool = False  # print the plan (segments, tokens, memory) and stop before the model loads
+    # refuse a calibration whose segments draw more than this many tokens per token of a language's text
+    calibration_max_repeats: float = REPEAT_LIMIT
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -129,9 +132,13 @@ class Run:
     force: bool = False
     calibration_seqlen: Optional[int] = None
     dry_run: bool = False
+    calibration_max_repeats: float = REPEAT_LIMIT
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
+        if not self.calibration_max_repeats > 0:
+            raise ValueError(f"calibration_max_repeats={self.calibration_max_repeats} must be > 0 (tokens drawn per "
+                             f"token of a language's calibration text)")
 
 
 def unknown_key(path: str, known: list[str]) -> str:
@@ -206,4 +213,5 @@ def build(cfg: DictConfig) -> Run:
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
                save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)),
-               calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)))
+               calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)),
+               calibration_max_repeats=float(cfg.get("calibration_max_repeats", REPEAT_LIMIT)))

@@ -169,6 +169,7 @@ def prepare_data(run: Run, counts: dict[str, int], tokenizer: Any, analysis_laye
                             probed, cache)
     if text.reason:
         log.warning("calibration segments shortened: %s", text.reason)
+    text.check(run.calibration_max_repeats)
     calibration = calibration_mixture(tokenizer, run.data, spec.distribution, run.sampler, seqlen=text.seqlen,
                                       seed=run.seed, prepend_bos=spec.prepend_bos, cache=cache)
     windows = evaluation_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, seqlen=spec.seqlen,
