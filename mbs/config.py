@@ -104,6 +104,10 @@ def register(store: ConfigStore | None = None) -> None:
     in their group, so `--help` lists only real options; a group option extends its schema with
     ``- /<name>_schema@_here_`` in its defaults list."""
     store = store or ConfigStore.instance()
+    if not OmegaConf.has_resolver("mbs_dirname"):  # job directory names (conf/config.yaml hydra.sweep.subdir)
+        from mbs.record.jobs import job_dirname
+
+        OmegaConf.register_new_resolver("mbs_dirname", job_dirname)
     store.store(name="run_schema", node=RunConfig)
     for schemas in SCHEMAS.values():
         for name, node in schemas.items():
