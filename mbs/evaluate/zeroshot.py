@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,12 +225,15 @@ class ZeroShot:
     config: ZeroShotConfig
     manager: Any
     seed: int = 0
+    verify: Callable[[], Any] | None = None  # checks (and rebuilds) our task files; run right before the harness reads
 
     def evaluate(self, model: nn.Module, tokenizer, add_bos: bool | None = None, progress: bool = True
                  ) -> dict[str, TaskScore]:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
+        if self.verify is not None:  # minutes may have passed since prepare: the harness reads the checked files
+            self.verify()
         with _quiet(progress), _rng_kept(), torch.no_grad():
             # fp32 log-likelihoods of the continuation tokens only; the model stays where it is (HFLM takes its device)
             lm = _scorer(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=self.config.batch_size,
@@ -252,7 +255,8 @@ def prepare_zeroshot(tasks: list[str], config: ZeroShotConfig, cache: Path, lang
     paths = [write_tasks(cache, languages, udhr)]
     if config.include_path:
         paths.append(Path(config.include_path).expanduser().resolve())
-    return ZeroShot(list(tasks), config, task_manager(list(tasks), paths), seed)
+    return ZeroShot(list(tasks), config, task_manager(list(tasks), paths), seed,
+                    verify=lambda: write_tasks(cache, languages, udhr))
 
 
 def _paired_stderr(dense: dict, compressed: dict) -> float | None:
