@@ -57,6 +57,12 @@ class EvalConfig:
         repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if repeated:
             raise ValueError(f"eval.tasks repeats {', '.join(repeated)}; give each task once")
+        if not self.tasks:  # the harness's settings would be ignored without a task
+            unused = [f"eval.zeroshot.{f.name}={getattr(self.zeroshot, f.name)}"
+                      for f in dataclasses.fields(ZeroShotConfig) if getattr(self.zeroshot, f.name) != f.default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} applies only with zero-shot tasks, and eval.tasks is empty; "
+                                 f"set eval.tasks (or zeroshot=udhr) or leave eval.zeroshot at its defaults")
 
 
 @dataclass
@@ -140,6 +146,9 @@ class Run:
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
+        if not self.save_model and self.save_format != Run.save_format:
+            raise ValueError(f"save_format={self.save_format} applies only with save_model=true; set save_model=true "
+                             f"to write the model, or leave save_format at {Run.save_format}")
         if not self.calibration_max_repeats > 0:
             raise ValueError(f"calibration_max_repeats={self.calibration_max_repeats} must be > 0 (tokens drawn per "
                              f"token of a language's calibration text)")

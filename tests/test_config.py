@@ -82,8 +82,11 @@ def test_bad_override_fails_at_composition(override):
     (["engine.mode=cached", "engine.per_language_statistics=true"],
      "engine.per_language_statistics=true applies only to engine.mode=sequential"),
     (["engine.mode=cached", "engine.statistics_pool=8"], None),
-    (["eval.zeroshot.limit=1.5"], "eval.zeroshot.limit=1.5 is neither a count"),
-    (["eval.zeroshot.limit=0.5"], None),
+    (["eval.zeroshot.limit=1.5", "zeroshot=udhr"], "eval.zeroshot.limit=1.5 is neither a count"),
+    (["eval.zeroshot.limit=0.5", "zeroshot=udhr"], None),
+    (["eval.zeroshot.limit=5"], "eval.zeroshot.limit=5.0 applies only with zero-shot tasks, and eval.tasks is empty"),
+    (["save_format=dense"], "save_format=dense applies only with save_model=true"),
+    (["save_format=dense", "save_model=true"], None),
     # each evaluation setting named with what it allows
     (["eval.batch_size=0"], "eval.batch_size=0 is out of range; allowed: an integer >= 1"),
     (["eval.chunk_tokens=0"], "eval.chunk_tokens=0 is out of range; allowed: an integer >= 1"),
