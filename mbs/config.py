@@ -24,6 +24,7 @@ from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSa
 from mbs.evaluate.zeroshot import ZeroShotConfig
 from mbs.models.spec import ModelSpec, name_from_path
 from mbs.record.export import check_format
+from mbs.record.jobs import job_dirname
 from mbs.record.loggers import NoLogger, WandbLogger
 from mbs.record.results import LOW_RESOURCE_SHARE
 
@@ -103,6 +104,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 # model=hf names the model after its path (``name: ${mbs.model_name:${.path}}``), so the run directory does too.
 OmegaConf.register_new_resolver("mbs.model_name", name_from_path, replace=True)
+# a sweep job's directory is named after its overrides, always one path component (hydra.sweep.subdir)
+OmegaConf.register_new_resolver("mbs.dirname", job_dirname, replace=True)
 
 
 def register(store: ConfigStore | None = None) -> None:
@@ -110,10 +113,6 @@ def register(store: ConfigStore | None = None) -> None:
     in their group, so `--help` lists only real options; a group option extends its schema with
     ``- /<name>_schema@_here_`` in its defaults list."""
     store = store or ConfigStore.instance()
-    if not OmegaConf.has_resolver("mbs_dirname"):  # job directory names (conf/config.yaml hydra.sweep.subdir)
-        from mbs.record.jobs import job_dirname
-
-        OmegaConf.register_new_resolver("mbs_dirname", job_dirname)
     store.store(name="run_schema", node=RunConfig)
     for schemas in SCHEMAS.values():
         for name, node in schemas.items():

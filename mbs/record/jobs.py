@@ -21,7 +21,7 @@ MAX_NAME = 160  # characters of a job directory name before its hash (file syste
 
 def job_dirname(override_dirname: str) -> str:
     """A job directory's name from its overrides (conf/config.yaml hydra.sweep.subdir, as the resolver
-    ``mbs_dirname``): readable for ordinary values, one path component always. A value with "/" or ".." (a path)
+    ``mbs.dirname``): readable for ordinary values, one path component always. A value with "/" or ".." (a path)
     would otherwise name directories outside the sweep directory: such characters become "_" and the name gets 8
     hex digits of the overrides' hash, so two jobs never share a directory; so does a name too long to keep."""
     safe = UNSAFE.sub("_", override_dirname)
