@@ -83,12 +83,19 @@ def main_one_line_errors() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing, so the error can be rewritten here
     try:
         main()
-    except Exception as err:  # noqa: BLE001 - anything not about a config value is raised as it was
+    except Exception as err:  # noqa: BLE001 - anything not about a config value is reported as Hydra reports it
         line = config_error_line(err)
         if line is None:
-            raise
+            from hydra._internal.utils import run_and_report
+
+            del os.environ["HYDRA_FULL_ERROR"]
+            run_and_report(lambda: _raise(err))
         print(f"mbs: error: {line}", file=sys.stderr)
         sys.exit(2)
+
+
+def _raise(err: BaseException) -> None:
+    raise err
 
 
 if __name__ == "__main__":

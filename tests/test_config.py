@@ -167,3 +167,11 @@ def test_a_model_without_a_position_limit_takes_any_length():
     from mbs.models.loading import check_positions, model_skeleton
 
     check_positions(model_skeleton(build(compose_run("model=tiny-bloom")).model).config, {"model.seqlen": 10**6}, "b")
+
+
+def test_run_py_leaves_other_hydra_errors_as_hydra_reports_them(tmp_path):
+    from conftest import run_py
+
+    proc = run_py(tmp_path / "run", "model=tiny-llama", "eval.languages=[en", check=False)
+    assert proc.returncode == 1 and "no viable alternative at input '[en'" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
