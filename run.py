@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import run_and_report
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mbs.config import register
+from mbs.config import config_error_line, register
 
 register()
 log = logging.getLogger("mbs")
@@ -75,8 +76,6 @@ def main(cfg: DictConfig) -> float | None:
 def main_one_line_errors() -> None:
     """``main()`` with Hydra's multi-line composition errors (an unknown key, a value of the wrong type) as one line
     naming the key, the value and what is allowed. HYDRA_FULL_ERROR=1 keeps Hydra's own report."""
-    from mbs.config import config_error_line
-
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         main()
         return
@@ -86,8 +85,6 @@ def main_one_line_errors() -> None:
     except Exception as err:  # noqa: BLE001 - anything not about a config value is reported as Hydra reports it
         line = config_error_line(err)
         if line is None:
-            from hydra._internal.utils import run_and_report
-
             del os.environ["HYDRA_FULL_ERROR"]
             run_and_report(lambda: _raise(err))
         print(f"mbs: error: {line}", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mbs.analyze.similarity import AnalysisConfig
 from mbs.compress.engine import EngineConfig
@@ -196,8 +197,6 @@ def _describe(annotation: Any) -> str:
 def config_error_line(err: BaseException) -> str | None:
     """One line for Hydra's multi-line composition errors (an unknown key without ``+``, a value of the wrong type):
     the key, the value and what is expected; None for errors that are not about a key's value."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
-
     cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
     if not isinstance(cause, OmegaConfBaseException) or not getattr(cause, "full_key", None):
         return None
