@@ -72,11 +72,11 @@ def test_repeated_text_is_counted_and_named(tokenizer):
 
 
 def test_calibration_past_the_repeat_limit_is_refused_before_loading(monkeypatch):
-    """Warned past x4, refused past calibration_max_repeats (x32): 20,000 English segments of 63 tokens from the
+    """Warned past x4, refused past calibration_max_repeats (x64): 20,000 English segments of 63 tokens from the
     UDHR's ~3,900 would be the same windows hundreds of times over."""
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     overrides = ("model=tiny-llama", "sampler=english", "sampler.segments=20000", "logger=none")
-    with pytest.raises(pipeline.UserError, match=r"more than calibration_max_repeats=32 times: en draws 1,260,000 "
+    with pytest.raises(pipeline.UserError, match=r"more than calibration_max_repeats=64 times: en draws 1,260,000 "
                                                  r"tokens from [\d,]+ \(x3\d\d\.\d\); use fewer segments") as err:
         pipeline.prepare(compose_run(*overrides))
     assert "\n" not in str(err.value)
@@ -88,7 +88,7 @@ def test_the_repeat_limit_is_exclusive_and_not_part_of_the_experiment_id():
     from mbs.fingerprint import experiment_id
 
     CalibrationText(64, 64, None, {"en": 1000}, {"en": int(REPEAT_LIMIT * 1000)}).check()
-    with pytest.raises(ValueError, match="en draws 32,001 tokens from 1,000"):
+    with pytest.raises(ValueError, match="en draws 64,001 tokens from 1,000"):
         CalibrationText(64, 64, None, {"en": 1000}, {"en": int(REPEAT_LIMIT * 1000) + 1}).check()
     assert experiment_id(compose_run("model=tiny-llama")) == experiment_id(
         compose_run("model=tiny-llama", "calibration_max_repeats=100"))
