@@ -3,14 +3,16 @@ Sweeps: `python run.py --multirun +sweep=demo` (sweeps/*.yaml); each job resumes
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import run_and_report
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mbs.config import register
+from mbs.config import config_error_line, register
 
 register()
 log = logging.getLogger("mbs")
@@ -90,7 +92,31 @@ def check_output(args: list[str]) -> None:
         sys.exit(2)
 
 
+
+def main_one_line_errors() -> None:
+    """``main()`` with Hydra's multi-line composition errors (an unknown key, a value of the wrong type) as one line
+    naming the key, the value and what is allowed. HYDRA_FULL_ERROR=1 keeps Hydra's own report."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing, so the error can be rewritten here
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001 - anything not about a config value is reported as Hydra reports it
+        line = config_error_line(err)
+        if line is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+            run_and_report(lambda: _raise(err))
+        print(f"mbs: error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _raise(err: BaseException) -> None:
+    raise err
+
+
+
 if __name__ == "__main__":
     check_choices(sys.argv[1:])
     check_output(sys.argv[1:])
-    main()
+    main_one_line_errors()

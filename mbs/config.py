@@ -3,15 +3,19 @@ the wrong type fails at composition, and building the objects (``OmegaConf.to_ob
 before the model is loaded."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mbs.analyze.similarity import AnalysisConfig
 from mbs.compress.engine import EngineConfig
 from mbs.compress.registry import COMPRESSORS
+from mbs.data.calibration import REPEAT_LIMIT
 from mbs.data.corpora import UDHRCorpus
 from mbs.data.hub import HubCorpus
 from mbs.data.local import LocalCorpus
@@ -21,6 +25,7 @@ from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSa
 from mbs.evaluate.zeroshot import ZeroShotConfig
 from mbs.models.spec import ModelSpec, name_from_path
 from mbs.record.export import check_format
+from mbs.record.jobs import job_dirname
 from mbs.record.loggers import NoLogger, WandbLogger
 from mbs.record.results import LOW_RESOURCE_SHARE
 
@@ -42,14 +47,24 @@ class EvalConfig:
         check_languages(self.languages, "eval.languages")
         if not self.languages:
             raise ValueError("eval.languages is empty; give at least one language")
-        if self.batch_size < 1 or self.chunk_tokens < 1 or self.max_windows < 0:
-            raise ValueError("eval.batch_size and eval.chunk_tokens must be >= 1 and eval.max_windows >= 0")
+        for key, least, meaning in (("batch_size", 1, "windows per forward"),
+                                    ("chunk_tokens", 1, "tokens per loss chunk"),
+                                    ("max_windows", 0, "windows per language, 0 = all")):
+            if getattr(self, key) < least:
+                raise ValueError(f"eval.{key}={getattr(self, key)} is out of range; allowed: an integer >= {least} "
+                                 f"({meaning})")
         if not 0 < self.low_resource_share < 1:
             raise ValueError(f"eval.low_resource_share={self.low_resource_share} must be a fraction in (0, 1) of the "
                              f"model's training distribution (0.01 = 1%)")
         repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if repeated:
             raise ValueError(f"eval.tasks repeats {', '.join(repeated)}; give each task once")
+        if not self.tasks:  # the harness's settings would be ignored without a task
+            unused = [f"eval.zeroshot.{f.name}={getattr(self.zeroshot, f.name)}"
+                      for f in dataclasses.fields(ZeroShotConfig) if getattr(self.zeroshot, f.name) != f.default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} applies only with zero-shot tasks, and eval.tasks is empty; "
+                                 f"set eval.tasks (or zeroshot=udhr) or leave eval.zeroshot at its defaults")
 
 
 @dataclass
@@ -71,6 +86,8 @@ class RunConfig:
     # tokens per calibration segment; None: model.seqlen, shortened when the calibration text cannot hold one
     calibration_seqlen: Optional[int] = None
     dry_run: bool = False  # print the plan (segments, tokens, memory) and stop before the model loads
+    # refuse a calibration whose segments draw more than this many tokens per token of a language's text
+    calibration_max_repeats: float = REPEAT_LIMIT
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -88,6 +105,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 # model=hf names the model after its path (``name: ${mbs.model_name:${.path}}``), so the run directory does too.
 OmegaConf.register_new_resolver("mbs.model_name", name_from_path, replace=True)
+# a sweep job's directory is named after its overrides, always one path component (hydra.sweep.subdir)
+OmegaConf.register_new_resolver("mbs.dirname", job_dirname, replace=True)
 
 
 def register(store: ConfigStore | None = None) -> None:
@@ -123,13 +142,81 @@ class Run:
     force: bool = False
     calibration_seqlen: Optional[int] = None
     dry_run: bool = False
+    calibration_max_repeats: float = REPEAT_LIMIT
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
+        if not self.save_model and self.save_format != Run.save_format:
+            raise ValueError(f"save_format={self.save_format} applies only with save_model=true; set save_model=true "
+                             f"to write the model, or leave save_format at {Run.save_format}")
+        if not self.calibration_max_repeats > 0:
+            raise ValueError(f"calibration_max_repeats={self.calibration_max_repeats} must be > 0 (tokens drawn per "
+                             f"token of a language's calibration text)")
+
+
+def unknown_key(path: str, known: list[str]) -> str:
+    """The one line for a key that no schema has, with the closest known names (a typo is the usual cause)."""
+    parent, _, key = path.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""
+    where = f"the keys of {parent}" if parent else "the top-level keys"
+    return f"unknown key {path}: {hint}{where} are {', '.join(sorted(known))}"
+
+
+def check_keys(cfg: DictConfig, path: str = "") -> None:
+    """Refuse a key no schema declares (``+compressor.sparsty=0.9`` would otherwise be stored in results.json and
+    ignored). Nodes typed by a dataclass are closed; plain dicts (``model.distribution``, ``sampler.per_language``)
+    stay open-ended, as their schemas declare them."""
+    schema = OmegaConf.get_type(cfg) if path else RunConfig
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if not path and key == "hydra":
+            continue
+        if key not in known:
+            raise ValueError(unknown_key(full, known))
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_keys(node, full)
+
+
+def _describe(annotation: Any) -> str:
+    """A field's type in words: ``Optional[int]`` → 'an integer or null'."""
+    text = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    optional = text.startswith("Optional[")
+    text = text[len("Optional["):-1] if optional else text
+    words = {"bool": "a boolean (true or false)", "int": "an integer", "float": "a number", "str": "a string"}
+    base = text.split("[")[0].lower()
+    text = words.get(text) or {"list": "a list, e.g. [a,b]", "dict": "a mapping, e.g. {a: 1}"}.get(base, text)
+    return text + (" or null" if optional else "")
+
+
+def config_error_line(err: BaseException) -> str | None:
+    """One line for Hydra's multi-line composition errors (an unknown key without ``+``, a value of the wrong type):
+    the key, the value and what is expected; None for errors that are not about a key's value."""
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if not isinstance(cause, OmegaConfBaseException) or not getattr(cause, "full_key", None):
+        return None
+    key, schema = str(cause.full_key), getattr(cause, "object_type", None)
+    fields = ({f.name: f.type for f in dataclasses.fields(schema)}
+              if isinstance(schema, type) and dataclasses.is_dataclass(schema) else {})
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and fields:
+        return unknown_key(key, list(fields))
+    if isinstance(cause, ValidationError):
+        value = getattr(cause, "value", None)
+        expected = fields.get(key.rpartition(".")[2])
+        if expected is not None:
+            return f"{key}={value!r} is not {_describe(expected)}"
+        return f"{key}={value!r}: {str(cause.msg or cause).splitlines()[0]}"
+    return None
 
 
 def build(cfg: DictConfig) -> Run:
     """Turn the composed config into checked objects; every ValueError raised here names the bad value."""
+    check_keys(cfg)
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed!r} is out of range; allowed: an integer in 0..{MAX_SEED} (numpy's seed range)")
@@ -137,4 +224,5 @@ def build(cfg: DictConfig) -> Run:
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
                save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)),
-               calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)))
+               calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)),
+               calibration_max_repeats=float(cfg.get("calibration_max_repeats", REPEAT_LIMIT)))

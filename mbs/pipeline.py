@@ -37,7 +37,8 @@ from mbs.evaluate.perplexity import LanguageLoss, language_bytes
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
 from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
-from mbs.models.loading import load_model, load_tokenizer, model_cache, model_config, model_skeleton
+from mbs.models.loading import (check_positions, load_model, load_tokenizer, model_cache, model_config,
+                                model_skeleton)
 from mbs.record.export import check_export
 from mbs.record.identity import identity, provenance
 from mbs.record.results import SCHEMA_VERSION, RunResult, format_table, language_rows, summary, write_results
@@ -122,6 +123,8 @@ def prepare(cfg: DictConfig) -> Prepared:
             log.info("ESTIMATED language distribution (%s): %s", spec.distribution_source, spec.distribution)
         counts = plan(run)
         skeleton = model_skeleton(spec)
+        check_positions(skeleton.config, {"model.seqlen": spec.seqlen, "calibration_seqlen": run.calibration_seqlen},
+                        spec.name)
         check_modules(skeleton, run.compressor)  # layer shapes vs. the compressor, no weights loaded
         analysis_layers = similarity.resolve_layers(run.analysis.layers, len(Adapter(skeleton).layers))
         similarity_skipped = None
@@ -166,6 +169,7 @@ def prepare_data(run: Run, counts: dict[str, int], tokenizer: Any, analysis_laye
                             probed, cache)
     if text.reason:
         log.warning("calibration segments shortened: %s", text.reason)
+    text.check(run.calibration_max_repeats)
     calibration = calibration_mixture(tokenizer, run.data, spec.distribution, run.sampler, seqlen=text.seqlen,
                                       seed=run.seed, prepend_bos=spec.prepend_bos, cache=cache)
     windows = evaluation_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, seqlen=spec.seqlen,

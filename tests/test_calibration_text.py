@@ -7,7 +7,7 @@ import pytest
 
 import mbs.pipeline as pipeline
 from conftest import compose_run, tiny
-from mbs.data.calibration import REPEAT_WARNING, CalibrationText, calibration_text
+from mbs.data.calibration import REPEAT_LIMIT, REPEAT_WARNING, CalibrationText, calibration_text
 from mbs.data.corpora import UDHRCorpus
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -18,7 +18,9 @@ HUB_MODELS = sorted(p.stem for p in CONF.glob("*.yaml") if "source: hub" in p.re
 def offline_hub(monkeypatch, tokenizer):
     """The hub's tokenizer and model config replaced by tiny stand-ins; loading weights fails the test."""
     monkeypatch.setattr(pipeline, "load_tokenizer", lambda spec: tokenizer)
-    monkeypatch.setattr(pipeline, "model_skeleton", lambda spec: tiny("llama"))
+    skeleton = tiny("llama")
+    skeleton.config.max_position_embeddings = 1 << 20  # the stand-in's 512 positions are not the hub model's
+    monkeypatch.setattr(pipeline, "model_skeleton", lambda spec: skeleton)
     monkeypatch.setattr(pipeline, "model_config", lambda spec: tiny("llama").config)  # model=hf reads it
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
@@ -67,3 +69,26 @@ def test_repeated_text_is_counted_and_named(tokenizer):
     assert line.startswith(f"en 300 (18,900/{text.available['en']:,} x{text.repeats['en']:.1f}), sw 1 (63/")
     quiet = CalibrationText(64, 64, None, {"en": 1000}, {"en": int(REPEAT_WARNING * 1000)})
     assert quiet.warning() is None
+
+
+def test_calibration_past_the_repeat_limit_is_refused_before_loading(monkeypatch):
+    """Warned past x4, refused past calibration_max_repeats (x64): 20,000 English segments of 63 tokens from the
+    UDHR's ~3,900 would be the same windows hundreds of times over."""
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    overrides = ("model=tiny-llama", "sampler=english", "sampler.segments=20000", "logger=none")
+    with pytest.raises(pipeline.UserError, match=r"more than calibration_max_repeats=64 times: en draws 1,260,000 "
+                                                 r"tokens from [\d,]+ \(x3\d\d\.\d\); use fewer segments") as err:
+        pipeline.prepare(compose_run(*overrides))
+    assert "\n" not in str(err.value)
+    prepared = pipeline.prepare(compose_run(*overrides, "calibration_max_repeats=1000"))  # the key that allows it
+    assert prepared.calibration.segments["en"].shape[0] == 20000
+
+
+def test_the_repeat_limit_is_exclusive_and_not_part_of_the_experiment_id():
+    from mbs.fingerprint import experiment_id
+
+    CalibrationText(64, 64, None, {"en": 1000}, {"en": int(REPEAT_LIMIT * 1000)}).check()
+    with pytest.raises(ValueError, match="en draws 64,001 tokens from 1,000"):
+        CalibrationText(64, 64, None, {"en": 1000}, {"en": int(REPEAT_LIMIT * 1000) + 1}).check()
+    assert experiment_id(compose_run("model=tiny-llama")) == experiment_id(
+        compose_run("model=tiny-llama", "calibration_max_repeats=100"))

@@ -289,3 +289,34 @@ def test_report_frame_has_bits_per_byte_and_nan_for_older_results():
                 Job(["seed=1"], "done", results=RunResult.from_json(old))])
     assert list(df["dense_bpb"][:1]) == [0.9] and list(df["compressed_bpb"][:1]) == [1.1]
     assert math.isnan(df["dense_bpb"][1]) and math.isnan(df["compressed_bpb"][1])
+
+
+def test_job_directory_names_are_one_path_component():
+    from mbs.record.jobs import job_dirname
+
+    assert job_dirname("sampler=uniform,seed=1") == "sampler=uniform,seed=1"  # ordinary values stay readable
+    assert job_dirname("eval.languages=[en,zh-Hans]") == "eval.languages=[en,zh-Hans]"
+    for value in ("data.path=/a/../../x", "data.path=..", "data.path=a/b", "x=" + "y" * 400):
+        name = job_dirname(value)
+        assert "/" not in name and ".." not in name and len(name) < 200, name
+    assert job_dirname("data.path=a/b") != job_dirname("data.path=a_b")  # escaped values keep distinct names
+
+
+def test_a_sweep_over_paths_keeps_its_jobs_inside_the_sweep_directory(tmp_path):
+    """-m data.path=<dir>/x/..,<dir>: Hydra's own naming would put the first job's files in <dir>/x/.. = the data
+    directory's parent chain; here both jobs are directories of the sweep, and its status finds them."""
+    from mbs.record.jobs import collect_jobs
+
+    data = tmp_path / "data"
+    (data / "x").mkdir(parents=True)
+    for code in ("en", "sw"):
+        (data / f"{code}.txt").write_text("A first document of text.\n\nA second document of text.\n\n" * 40)
+    sweep_dir = tmp_path / "sweep"
+    proc = multirun(sweep_dir, "data=local", f"data.path={data}/x/..,{data}", "sampler=uniform",
+                    "sampler.languages=[en,sw]", "sampler.segments=4", "analysis.layers=[]", "logger=none",
+                    "dry_run=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in data.rglob("*")) == ["en.txt", "sw.txt", "x"]
+    jobs = [p.parent.parent for p in tmp_path.rglob(".hydra/overrides.yaml")]
+    assert len(jobs) == 2 and all(j.parent == sweep_dir for j in jobs), jobs
+    assert [j.status for j in collect_jobs(sweep_dir)] == ["incomplete", "incomplete"]  # found; dry runs write none

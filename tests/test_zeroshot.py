@@ -163,3 +163,50 @@ def test_continuation_scorer_matches_hflm_on_every_architecture(tokenizer):
             got = ours._loglikelihood_tokens(requests, disable_tqdm=True)
         assert [g for _, g in got] == [g for _, g in expected]
         assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+
+
+def _flip_gold(path: Path) -> None:
+    items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    items[0]["gold"] = (items[0]["gold"] + 1) % 4  # same size: only the checksum can tell
+    path.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+
+
+@pytest.mark.parametrize("damage", ["flipped gold", "truncated", "planted module"])
+def test_damaged_task_files_are_detected_and_rebuilt(tmp_path, damage, caplog):
+    directory = write_tasks(tmp_path, ["en"])
+    original = {p.name: p.read_bytes() for p in directory.iterdir()}
+    if damage == "flipped gold":
+        _flip_gold(directory / "en.jsonl")
+    elif damage == "truncated":
+        with open(directory / "udhr_mc_en.yaml", "r+b") as f:
+            f.truncate(10)
+    else:  # the harness imports a module a task YAML names with !function
+        (directory / "utils.py").write_text("import os; os.environ['PLANTED'] = '1'\n")
+        (directory / "udhr_mc_en.yaml").write_text("task: udhr_mc_en\nprocess_docs: !function utils.run\n")
+    assert write_tasks(tmp_path, ["en"]) == directory
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == original
+    assert "rebuilding it" in caplog.text
+
+
+def test_the_harness_reads_task_files_verified_right_before_it_runs(tmp_path, monkeypatch):
+    """Files changed between the check before loading and the evaluation (minutes later) are rebuilt first."""
+    import lm_eval
+
+    from mbs.evaluate import zeroshot
+    from mbs.evaluate.zeroshot import ZeroShotConfig, prepare_zeroshot
+
+    prepared = prepare_zeroshot(["udhr_mc_en"], ZeroShotConfig(), tmp_path, ["en"])
+    directory = write_tasks(tmp_path, ["en"])
+    original = (directory / "en.jsonl").read_bytes()
+    _flip_gold(directory / "en.jsonl")
+    seen = []
+
+    def read_instead(**kwargs):
+        seen.append((directory / "en.jsonl").read_bytes())
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(zeroshot, "_scorer", lambda HFLM: lambda **kwargs: None)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", read_instead)
+    with pytest.raises(RuntimeError, match="stop"):
+        prepared.evaluate(None, None, progress=False)
+    assert seen == [original]

@@ -155,8 +155,9 @@ def language_vectors(model: nn.Module, probe: CalibrationSet, layers: list[int],
         if index in wanted and index not in vectors:  # the first group observed is the first Linear called
             vectors[index] = {lang: (s.sum / s.tokens).cpu() for lang, s in by_language.items()}
 
-    compress_model(model, SimilarityProbe(), probe, dataclasses.replace(engine, per_language_statistics=True),
-                   observer=observer, progress=False)
+    # the probe always runs the sequential engine, one statistic per language
+    sequential = dataclasses.replace(engine, mode="sequential", statistics_pool=0, per_language_statistics=True)
+    compress_model(model, SimilarityProbe(), probe, sequential, observer=observer, progress=False)
     return {i: vectors[i] for i in layers}
 
 

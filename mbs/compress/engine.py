@@ -55,6 +55,12 @@ class EngineConfig:
             raise ValueError(f"engine.mode={self.mode!r} is not a mode; allowed: {', '.join(PIPELINES)}")
         if self.statistics_pool < 0:
             raise ValueError(f"engine.statistics_pool={self.statistics_pool} must be >= 0 (0: every segment)")
+        for key, mode in MODE_ONLY.items():  # a setting the chosen mode would ignore is refused, not dropped
+            value, default = getattr(self, key), EngineConfig.__dataclass_fields__[key].default
+            if self.mode != mode and value != default:
+                value, default = (str(v).lower() if isinstance(v, bool) else v for v in (value, default))
+                raise ValueError(f"engine.{key}={value} applies only to engine.mode={mode}, not to engine.mode="
+                                 f"{self.mode}; leave it at {default} or set engine.mode={mode}")
         if self.batch_size < 1:
             raise ValueError(f"engine.batch_size={self.batch_size} must be >= 1")
         for key in ("device", "offload_device"):
@@ -63,6 +69,8 @@ class EngineConfig:
                 raise ValueError(f"engine.{key}={value!r} is not a device; allowed: cpu, cuda, cuda:N, mps, xpu, xpu:N")
 
 
+# settings read by one engine.mode only (the other ignores them)
+MODE_ONLY = {"statistics_pool": "cached", "per_language_statistics": "sequential"}
 DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?")
 
 

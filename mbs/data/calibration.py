@@ -14,6 +14,9 @@ from mbs.data.corpora import Corpus
 
 ALL_LANGUAGES = "all"  # the label of a batch, or a statistic, that mixes languages
 REPEAT_WARNING = 4.0  # a language whose segments draw more than this many tokens per token of its text is named
+REPEAT_LIMIT = 64.0  # ... and past this many a run is refused (calibration_max_repeats raises it): on the UDHR with
+# the default model, sampler=english and the monolingual jobs of sweeps/calibration_mixtures draw up to x30 (zh-Hans:
+# 128 x 255 tokens from 1,069); an extra zero in sampler.segments, x300
 MIN_SEQLEN = 8
 
 
@@ -282,6 +285,17 @@ class CalibrationText:
         """Per language: segments, tokens drawn of its text's tokens, and the repeat factor (the console line)."""
         return ", ".join(f"{k} {counts[k]} ({self.requested[k]:,}/{self.available[k]:,} x{self.repeats[k]:.1f})"
                          for k in self.requested if self.available.get(k))
+
+    def check(self, limit: float = REPEAT_LIMIT) -> None:
+        """Refuse a calibration that draws more than ``limit`` tokens per token of a language's text: its segments
+        would be the same few windows over and over, not a sample of the language."""
+        over = sorted(((k, r) for k, r in self.repeats.items() if r > limit), key=lambda kr: -kr[1])
+        if over:
+            named = ", ".join(f"{k} draws {self.requested[k]:,} tokens from {self.available[k]:,} (x{r:.1f})"
+                              for k, r in over)
+            raise ValueError(f"calibration would repeat its text more than calibration_max_repeats={limit:g} times: "
+                             f"{named}; use fewer segments (sampler.segments), shorter ones (calibration_seqlen) or "
+                             f"a larger corpus, or raise calibration_max_repeats")
 
     def record(self) -> dict:
         return {"seqlen": self.seqlen, "model_seqlen": self.model_seqlen, "seqlen_reason": self.reason,

@@ -13,7 +13,9 @@ More items than one per paragraph keep the per-language standard error small; it
 so the binomial standard error slightly understates the true one.
 
 Files (JSONL data + harness YAML) are generated into ``<cache>/zeroshot/udhr_mc-<content hash>``: a change to the
-text, the segmentation or the language list gives a new directory, and a directory is written atomically.
+text, the segmentation or the language list gives a new directory. It is a cache entry (mbs/cache.py): checksummed,
+verified on every use and rebuilt when a file changed, went missing or was added (the harness executes what a task
+YAML names, e.g. ``!function`` modules beside it), and verified again right before each evaluation.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from mbs.atomic import atomic_path
+from mbs.cache import Cache
 from mbs.data.corpora import UDHRCorpus
 from mbs.data.languages import get_language
 
@@ -137,7 +139,8 @@ def _group_yaml(codes: list[str]) -> str:
 
 def write_tasks(cache: Path, group_languages: list[str], corpus: UDHRCorpus | None = None) -> Path:
     """Generate the task files for every UDHR language of the code table (the group covers ``group_languages``
-    that the UDHR has) and return their directory, reused when its content is unchanged."""
+    that the UDHR has) and return their directory: a verified cache entry, reused when its content is unchanged and
+    its files are the ones written, rebuilt otherwise."""
     corpus = corpus or UDHRCorpus()
     codes = corpus.languages()
     english = sum(map(len, passages(corpus, "en"))) if "en" in codes else 0
@@ -147,21 +150,19 @@ def write_tasks(cache: Path, group_languages: list[str], corpus: UDHRCorpus | No
     data = {code: text for code, text in data.items() if text}
     group = [c for c in group_languages if c in data]
     digest = hashlib.sha256(json.dumps([VERSION, data, group], ensure_ascii=False).encode()).hexdigest()[:16]
-    directory = Path(cache) / "zeroshot" / f"{GROUP}-{digest}"
+    name = f"zeroshot/{GROUP}-{digest}"
     manifest = {"version": VERSION, "group": group, "items": {c: t.count("\n") for c, t in data.items()}}
-    if (directory / "manifest.json").exists():
-        return directory
-    try:
-        with atomic_path(directory) as tmp:
-            _write_files(tmp, directory, data, group, manifest)
-    except OSError:
-        if not (directory / "manifest.json").exists():  # not another job that wrote the same files first
-            raise
-    return directory
+
+    def build(tmp: Path) -> None:
+        # the YAML names the data file where the entry ends up: after the rename, or here when the cache is unwritable
+        final = tmp if tmp.name == Path(name).name else Path(cache) / name
+        _write_files(tmp, final, data, group, manifest)
+
+    return Cache(Path(cache)).entry(name, build, what=f"the {GROUP} zero-shot task files")
 
 
 def _write_files(tmp: Path, directory: Path, data: dict[str, str], group: list[str], manifest: dict) -> None:
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     for code, text in data.items():
         (tmp / f"{code}.jsonl").write_text(text, encoding="utf-8")
         # the YAML names the data file at its final place, after the rename

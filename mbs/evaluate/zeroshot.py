@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,9 @@ class ZeroShotConfig:
     def __post_init__(self) -> None:
         if self.limit is not None and not self.limit > 0:
             raise ValueError(f"eval.zeroshot.limit={self.limit} must be > 0 (a count, or a fraction below 1) or null")
+        if self.limit is not None and self.limit >= 1 and self.limit != int(self.limit):
+            raise ValueError(f"eval.zeroshot.limit={self.limit} is neither a count (a whole number >= 1) nor a "
+                             f"fraction below 1; the harness would silently use {int(self.limit)}")
         if self.batch_size < 1:
             raise ValueError(f"eval.zeroshot.batch_size={self.batch_size} must be >= 1")
         if self.num_fewshot is not None and self.num_fewshot < 0:
@@ -222,12 +225,15 @@ class ZeroShot:
     config: ZeroShotConfig
     manager: Any
     seed: int = 0
+    verify: Callable[[], Any] | None = None  # checks (and rebuilds) our task files; run right before the harness reads
 
     def evaluate(self, model: nn.Module, tokenizer, add_bos: bool | None = None, progress: bool = True
                  ) -> dict[str, TaskScore]:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
+        if self.verify is not None:  # minutes may have passed since prepare: the harness reads the checked files
+            self.verify()
         with _quiet(progress), _rng_kept(), torch.no_grad():
             # fp32 log-likelihoods of the continuation tokens only; the model stays where it is (HFLM takes its device)
             lm = _scorer(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=self.config.batch_size,
@@ -252,7 +258,7 @@ def prepare_zeroshot(tasks: list[str], config: ZeroShotConfig, cache: Path, lang
         paths.append(Path(config.include_path).expanduser().resolve())
     manager = task_manager(list(tasks), paths)
     check_task_data(manager, list(tasks))  # a hub dataset that cannot be had fails here, not after the dense eval
-    return ZeroShot(list(tasks), config, manager, seed)
+    return ZeroShot(list(tasks), config, manager, seed, verify=lambda: write_tasks(cache, languages, udhr))
 
 
 def _paired_stderr(dense: dict, compressed: dict) -> float | None:

@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -200,6 +201,26 @@ def model_config(spec: ModelSpec):
         directory, name = _gguf_location(spec)
         return AutoConfig.from_pretrained(directory, gguf_file=name)
     return _from_hub(AutoConfig, spec)
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx")
+
+
+def check_positions(config: Any, settings: dict[str, int | None], model: str) -> None:
+    """Refuse a sequence length above the positions the model's config declares, before the weights load (GPT-2
+    fails with an IndexError on its position table; rotary models would run past what they were trained on).
+    Models without a position limit (ALiBi: BLOOM) pass."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_KEYS:
+        limit = getattr(text, key, None)
+        if isinstance(limit, int) and limit > 0:
+            break
+    else:
+        return
+    for name, value in settings.items():
+        if value is not None and value > limit:
+            raise ValueError(f"{name}={value} is more than the {limit} positions {model} has ({key} in its config); "
+                             f"allowed: at most {limit}")
 
 
 def model_skeleton(spec: ModelSpec) -> nn.Module:

@@ -3,7 +3,9 @@ failed, incomplete, missing) and where a finished experiment's results are. What
 sweep runner all read; it runs nothing."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,20 @@ from omegaconf import OmegaConf
 from mbs.record.results import RunResult
 
 RESULTS, FAILURE, SKIPPED = "results.json", "failure.json", "skipped.json"
+UNSAFE = re.compile(r"[^\w.,=+@:%\[\]{}-]")  # anything but these (above all "/") never reaches a directory name
+MAX_NAME = 160  # characters of a job directory name before its hash (file systems allow 255 bytes)
+
+
+def job_dirname(override_dirname: str) -> str:
+    """A job directory's name from its overrides (conf/config.yaml hydra.sweep.subdir, as the resolver
+    ``mbs.dirname``): readable for ordinary values, one path component always. A value with "/" or ".." (a path)
+    would otherwise name directories outside the sweep directory: such characters become "_" and the name gets 8
+    hex digits of the overrides' hash, so two jobs never share a directory; so does a name too long to keep."""
+    safe = UNSAFE.sub("_", override_dirname)
+    if safe == override_dirname and len(safe) <= MAX_NAME and ".." not in safe:
+        return safe
+    digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:8]
+    return f"{safe[:MAX_NAME].replace('..', '__')}-{digest}"
 
 
 def find_results(root: str | Path, exp_id: str) -> Path | None:

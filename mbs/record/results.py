@@ -177,7 +177,8 @@ def to_csv(rows: list[dict[str, Any]], experiment_id: str = "") -> str:
 
 
 def write_results(directory: Path, result: RunResult) -> None:
-    """results.csv, .md and .json, together or not at all (results.json, which marks a finished run, renamed last)."""
+    """results.csv, .md and .json, together or not at all: results.json, the commit marker readers look for, is
+    removed first and renamed last (mbs.atomic.atomic_write_all)."""
     directory = Path(directory)
     header = f"# {result.name}\n\nexperiment {result.experiment_id}; {format_table(result).splitlines()[0]}\n\n"
     atomic_write_all({directory / "results.csv": to_csv(result.languages, result.experiment_id),
