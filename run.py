@@ -106,7 +106,8 @@ def main_one_line_errors() -> None:
         line = config_error_line(err)
         if line is None:
             del os.environ["HYDRA_FULL_ERROR"]
-            run_and_report(lambda: _raise(err))
+            failed = err
+            run_and_report(lambda: _raise(failed))
         print(f"mbs: error: {line}", file=sys.stderr)
         sys.exit(2)
 

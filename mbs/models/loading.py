@@ -129,7 +129,7 @@ def _checkpoint(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
     try:
         model, info = _from_hub(AutoModelForCausalLM, spec, dtype=dtype, low_cpu_mem_usage=True,
                                 output_loading_info=True, ignore_mismatched_sizes=True)
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError:
         raise ValueError(f"{where}: refused to unpickle the weights, the file holds objects other than tensors (code "
                          f"can run when such a file is loaded); use a safetensors copy of the model "
                          f"(UnpicklingError)") from None
