@@ -347,7 +347,9 @@ def test_a_truncated_results_file_is_named_and_the_intact_jobs_reported(finished
     assert "1 done, 1 unreadable" in out and len(broken) == 1
     assert f"{sweep}/1_compressor.sparsity=0.5/results.json is not a readable results file" in broken[0]
     report = (sweep / "report" / "report.md").read_text()
-    assert "compressor.sparsity=0.3" in report and "compressor.sparsity=0.5 " not in report.split("```")[-1]
+    tables, runs = report.split("```")[-1].split("## Runs")
+    assert "compressor.sparsity=0.3" in tables and "compressor.sparsity=0.5 " not in tables
+    assert "| `1_compressor.sparsity=0.5` | unreadable |" in runs  # named among the runs, with no numbers
 
 
 def test_a_single_run_directory_is_reported(finished_run, capsys):
