@@ -71,6 +71,7 @@ class RunConfig:
     # tokens per calibration segment; None: model.seqlen, shortened when the calibration text cannot hold one
     calibration_seqlen: Optional[int] = None
     dry_run: bool = False  # print the plan (segments, tokens, memory) and stop before the model loads
+    push_to_hub: Optional[str] = None  # org/name: upload the exported model (implies save_model) to this hub repo
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -119,9 +120,37 @@ class Run:
     force: bool = False
     calibration_seqlen: Optional[int] = None
     dry_run: bool = False
+    push_to_hub: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
+        if self.push_to_hub is not None:
+            check_push(self.push_to_hub)
+            self.save_model = True  # the pushed directory is the exported one
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1, ON, YES, TRUE, any case)."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_push(repo_id: Any) -> None:
+    """push_to_hub: a hub model repository id, and a hub to reach; refused before anything loads."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"push_to_hub={repo_id!r} is not a hub repository id; give org/name (or null: no push)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"push_to_hub={repo_id!r} is not a hub repository id; give org/name (letters, digits, "
+                         f"'-', '_', '.'; at most 96 characters)") from None
+    if hub_offline():
+        raise ValueError(f"push_to_hub={repo_id} needs the hub, but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE "
+                         f"or drop push_to_hub (save_model=true keeps the checkpoint in the run directory)")
 
 
 def build(cfg: DictConfig) -> Run:
@@ -133,4 +162,5 @@ def build(cfg: DictConfig) -> Run:
              for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
                save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)),
-               calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)))
+               calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)),
+               push_to_hub=cfg.get("push_to_hub"))

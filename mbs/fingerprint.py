@@ -25,8 +25,8 @@ from mbs.data.corpora import SPLITS
 ID_VERSION = 2  # bump when results of the same config stop being comparable (a metric's definition changes)
 # Keys that do not change results: logging, progress bars, resume control, where files wait or are cached, and a
 # reporting threshold that the report recomputes from the rows anyway.
-NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "dry_run", "model.cache_dir", "engine.offload_device",
-                   "eval.low_resource_share")
+NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "dry_run", "push_to_hub", "model.cache_dir",
+                   "engine.offload_device", "eval.low_resource_share")
 
 def _with_types(node: Any) -> Any:
     """The resolved container, with each structured node's schema class: mbs and uniform samplers have the same
