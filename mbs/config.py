@@ -18,6 +18,7 @@ from mbs.data.local import LocalCorpus
 from mbs.data.languages import PAPER_LANGUAGES, check_languages
 from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
                                UniformSampler)
+from mbs.evaluate.perplexity import check_eval_dtype
 from mbs.evaluate.zeroshot import ZeroShotConfig
 from mbs.models.spec import ModelSpec
 from mbs.record.export import check_format
@@ -32,6 +33,9 @@ class EvalConfig:
     batch_size: int = 8
     chunk_tokens: int = 256  # tokens per loss chunk (its fp32 logits are formed one vocabulary slice at a time)
     max_windows: int = 0  # per language; 0 = all
+    # precision of the evaluation (mbs.evaluate.perplexity.EVAL_DTYPES): float32-head (the body in the model's dtype,
+    # logits from its hidden states in fp32), model (all in the model's dtype), float32 (every weight cast to fp32)
+    dtype: str = "float32-head"
     # summary: a language whose training share (a fraction of the model's whole distribution) is below this is
     # low-resource; 0.01 = 1%
     low_resource_share: float = LOW_RESOURCE_SHARE
@@ -44,6 +48,7 @@ class EvalConfig:
             raise ValueError("eval.languages is empty; give at least one language")
         if self.batch_size < 1 or self.chunk_tokens < 1 or self.max_windows < 0:
             raise ValueError("eval.batch_size and eval.chunk_tokens must be >= 1 and eval.max_windows >= 0")
+        check_eval_dtype(self.dtype)
         if not 0 < self.low_resource_share < 1:
             raise ValueError(f"eval.low_resource_share={self.low_resource_share} must be a fraction in (0, 1) of the "
                              f"model's training distribution (0.01 = 1%)")

@@ -205,7 +205,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     def evaluate() -> dict:
         return perplexity(model, prepared.windows, device=run.engine.device, batch_size=run.eval.batch_size,
                           chunk_tokens=run.eval.chunk_tokens, progress=run.progress,
-                          window_bytes=prepared.window_bytes)
+                          window_bytes=prepared.window_bytes, dtype=run.eval.dtype)
 
     with timed(timings, "fingerprint_s"):
         dense_results = DenseResults(model_cache(spec), weights_fingerprint(model), force=run.force)
@@ -314,7 +314,7 @@ def dense_perplexity(dense_results: DenseResults, evaluate: Callable[[], dict[st
     byte) are the windows' own, ``window_bytes``, taken afresh in every run since they depend on the text only."""
     key = {"windows": tokens_fingerprint(windows), "dtype": str(next(model.parameters()).dtype),
            "device": run.engine.device, "batch_size": run.eval.batch_size, "chunk_tokens": run.eval.chunk_tokens,
-           "code": source_fingerprint(perplexity_module, adapter_module)}
+           "eval_dtype": run.eval.dtype, "code": source_fingerprint(perplexity_module, adapter_module)}
     value, source, entry = dense_results.get(
         "perplexity", key, lambda: {k: [v.nll, v.tokens] for k, v in evaluate().items()})
     log.info("dense perplexity: %s (%s)", source, entry)
