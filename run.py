@@ -50,7 +50,7 @@ def check_choices(args: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from mbs.pipeline import ResultsNotWritten, UserError, run
+    from mbs.pipeline import PushFailed, ResultsNotWritten, UserError, run
 
     hc = HydraConfig.get()
     if hc.mode.name == "MULTIRUN":
@@ -63,7 +63,7 @@ def main(cfg: DictConfig) -> float | None:
         except UserError as err:  # bad input, caught before the model loads: one line, no traceback
             print(f"mbs: error: {err}", file=sys.stderr)
             sys.exit(2)
-        except ResultsNotWritten as err:  # e.g. a full disk: the table was printed and logged already
+        except (ResultsNotWritten, PushFailed) as err:  # e.g. a full disk, no network: the table was printed
             print(f"mbs: error: {err}", file=sys.stderr)
             sys.exit(1)
     if results is None or results.get("dry_run"):

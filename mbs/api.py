@@ -136,10 +136,11 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
 
 def perplexity(model: nn.Module, windows: dict[str, list[torch.Tensor]], *, device: str = "cpu", batch_size: int = 8,
                chunk_tokens: int = 256, progress: bool = False,
-               window_bytes: Mapping[str, Sequence[int]] | None = None) -> dict[str, LanguageLoss]:
+               window_bytes: Mapping[str, Sequence[int]] | None = None, dtype: str = "float32-head"
+               ) -> dict[str, LanguageLoss]:
     """Per-language loss (``.perplexity``, ``.nll``, ``.tokens``) over ``windows`` (:func:`evaluation_windows`);
     with ``window_bytes=mbs.window_bytes(tokenizer, windows, prepend_bos)`` also ``.bytes`` and ``.bpb`` (bits per
-    byte)."""
+    byte). ``dtype``: the evaluation's precision, as ``eval.dtype`` (float32-head, model or float32)."""
     vocab = check_model(model)
     _check_type(windows, Mapping, "windows", "a mapping of language code to a list of token-id tensors (from "
                 "mbs.evaluation_windows)")
@@ -149,7 +150,7 @@ def perplexity(model: nn.Module, windows: dict[str, list[torch.Tensor]], *, devi
         for i, ids in enumerate(tensors):
             check_token_ids(ids, vocab, f"windows[{code!r}][{i}]")
     return evaluate_languages(model, windows, device, batch_size, chunk_tokens, progress=progress,
-                              window_bytes=window_bytes)
+                              window_bytes=window_bytes, dtype=dtype)
 
 
 def export(model: nn.Module, directory: str | Path, compressor: Compressor | None = None, tokenizer: Any = None,

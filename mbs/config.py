@@ -22,6 +22,7 @@ from mbs.data.local import LocalCorpus
 from mbs.data.languages import PAPER_LANGUAGES, check_languages
 from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
                                UniformSampler)
+from mbs.evaluate.perplexity import check_eval_dtype
 from mbs.evaluate.zeroshot import ZeroShotConfig
 from mbs.models.spec import ModelSpec, name_from_path
 from mbs.record.export import check_format
@@ -37,6 +38,9 @@ class EvalConfig:
     batch_size: int = 8
     chunk_tokens: int = 256  # tokens per loss chunk (its fp32 logits are formed one vocabulary slice at a time)
     max_windows: int = 0  # per language; 0 = all
+    # precision of the evaluation (mbs.evaluate.perplexity.EVAL_DTYPES): float32-head (the body in the model's dtype,
+    # logits from its hidden states in fp32), model (all in the model's dtype), float32 (every weight cast to fp32)
+    dtype: str = "float32-head"
     # summary: a language whose training share (a fraction of the model's whole distribution) is below this is
     # low-resource; 0.01 = 1%
     low_resource_share: float = LOW_RESOURCE_SHARE
@@ -53,6 +57,7 @@ class EvalConfig:
             if getattr(self, key) < least:
                 raise ValueError(f"eval.{key}={getattr(self, key)} is out of range; allowed: an integer >= {least} "
                                  f"({meaning})")
+        check_eval_dtype(self.dtype)
         if not 0 < self.low_resource_share < 1:
             raise ValueError(f"eval.low_resource_share={self.low_resource_share} must be a fraction in (0, 1) of the "
                              f"model's training distribution (0.01 = 1%)")
@@ -88,6 +93,7 @@ class RunConfig:
     dry_run: bool = False  # print the plan (segments, tokens, memory) and stop before the model loads
     # refuse a calibration whose segments draw more than this many tokens per token of a language's text
     calibration_max_repeats: float = REPEAT_LIMIT
+    push_to_hub: Optional[str] = None  # org/name: upload the exported model (implies save_model) to this hub repo
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -143,9 +149,13 @@ class Run:
     calibration_seqlen: Optional[int] = None
     dry_run: bool = False
     calibration_max_repeats: float = REPEAT_LIMIT
+    push_to_hub: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
+        if self.push_to_hub is not None:
+            check_push(self.push_to_hub)
+            self.save_model = True  # the pushed directory is the exported one
         if not self.save_model and self.save_format != Run.save_format:
             raise ValueError(f"save_format={self.save_format} applies only with save_model=true; set save_model=true "
                              f"to write the model, or leave save_format at {Run.save_format}")
@@ -214,6 +224,30 @@ def config_error_line(err: BaseException) -> str | None:
     return None
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1, ON, YES, TRUE, any case)."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_push(repo_id: Any) -> None:
+    """push_to_hub: a hub model repository id, and a hub to reach; refused before anything loads."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"push_to_hub={repo_id!r} is not a hub repository id; give org/name (or null: no push)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"push_to_hub={repo_id!r} is not a hub repository id; give org/name (letters, digits, "
+                         f"'-', '_', '.'; at most 96 characters)") from None
+    if hub_offline():
+        raise ValueError(f"push_to_hub={repo_id} needs the hub, but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE "
+                         f"or drop push_to_hub (save_model=true keeps the checkpoint in the run directory)")
+
+
 def build(cfg: DictConfig) -> Run:
     """Turn the composed config into checked objects; every ValueError raised here names the bad value."""
     check_keys(cfg)
@@ -225,4 +259,5 @@ def build(cfg: DictConfig) -> Run:
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
                save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)),
                calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)),
-               calibration_max_repeats=float(cfg.get("calibration_max_repeats", REPEAT_LIMIT)))
+               calibration_max_repeats=float(cfg.get("calibration_max_repeats", REPEAT_LIMIT)),
+               push_to_hub=cfg.get("push_to_hub"))

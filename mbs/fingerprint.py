@@ -24,9 +24,10 @@ from mbs.data.corpora import SPLITS
 
 ID_VERSION = 2  # bump when results of the same config stop being comparable (a metric's definition changes)
 # Keys that do not change results: logging, progress bars, resume control, where files wait or are cached, a
-# reporting threshold that the report recomputes from the rows anyway, and a gate that refuses runs.
-NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "dry_run", "model.cache_dir", "engine.offload_device",
-                   "eval.low_resource_share", "calibration_max_repeats")
+# reporting threshold that the report recomputes from the rows anyway, a gate that refuses runs, and where the
+# checkpoint is pushed.
+NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "dry_run", "push_to_hub", "model.cache_dir",
+                   "engine.offload_device", "eval.low_resource_share", "calibration_max_repeats")
 
 
 def _with_types(node: Any) -> Any:

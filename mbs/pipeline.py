@@ -39,7 +39,8 @@ from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
 from mbs.models.loading import (check_positions, load_model, load_tokenizer, model_cache, model_config,
                                 model_skeleton)
-from mbs.record.export import check_export
+from mbs.record.card import model_card, push, write_card
+from mbs.record.export import check_export, quantizes
 from mbs.record.identity import identity, provenance
 from mbs.record.results import SCHEMA_VERSION, RunResult, format_table, language_rows, summary, write_results
 
@@ -72,6 +73,10 @@ class UserError(ValueError):
 
 class ResultsNotWritten(RuntimeError):
     """The run finished and its table was printed and logged, but the result files could not be written."""
+
+
+class PushFailed(RuntimeError):
+    """The run finished and wrote its results and checkpoint, but push_to_hub could not upload the checkpoint."""
 
 
 def check_writable(directory: Path) -> None:
@@ -211,7 +216,7 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     def evaluate() -> dict:
         return perplexity(model, prepared.windows, device=run.engine.device, batch_size=run.eval.batch_size,
                           chunk_tokens=run.eval.chunk_tokens, progress=run.progress,
-                          window_bytes=prepared.window_bytes)
+                          window_bytes=prepared.window_bytes, dtype=run.eval.dtype)
 
     with timed(timings, "fingerprint_s"):
         dense_results = DenseResults(model_cache(spec), weights_fingerprint(model), force=run.force)
@@ -232,6 +237,13 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
         context = PipelineContext(progress=run.progress, source=prepared.source, weights=dense_results.weights,
                                   store=model_cache(spec), force=run.force)
         report = PIPELINES[run.engine.mode](model, run.compressor, prepared.calibration, run.engine, context)
+    card = None
+    if run.save_model:  # before the compressed evaluation: a crash there does not lose the compressed model
+        with timed(timings, "save_s"):
+            exported = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
+            card = ModelCardWriter(cfg, prepared, quantizes(run.compressor), report.sparsity,
+                                   Path(exported["directory"]))
+            card.write(None)  # says the evaluation did not finish, until the results replace it
     with timed(timings, "eval_compressed_s"):
         compressed = evaluate()
     zeroshot_record = None
@@ -245,11 +257,34 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     rows = language_rows(dense, compressed, absolute_shares(spec.distribution), run.eval.low_resource_share, segments)
     result = run_result(cfg, prepared, model, rows, report, language_similarity, baseline, timings)
     result.zeroshot = zeroshot_record
-    if run.save_model:
-        with timed(timings, "save_s"):
-            result.export = export(model, output_dir / "model", run.compressor, prepared.tokenizer, run.save_format)
+    if card is not None:
+        result.export = exported
+        card.write(rows)
     result.provenance = provenance(spec.revision, started)
     return result
+
+
+def calibration_record(prepared: Prepared) -> dict[str, Any]:
+    """results.json's ``calibration``: segments per language, their total, length and the text each was drawn from."""
+    return {"segments": {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()},
+            "total": prepared.calibration.total, **prepared.calibration_text.record()}
+
+
+@dataclass
+class ModelCardWriter:
+    """The exported checkpoint's model card (mbs/record/card.py), written once without results and again with them."""
+
+    cfg: DictConfig
+    prepared: Prepared
+    quantized: bool
+    sparsity: float
+    directory: Path
+
+    def write(self, rows: list[dict[str, Any]] | None) -> None:
+        card = model_card(OmegaConf.to_container(self.cfg, resolve=True), self.prepared.identity,
+                          experiment_id(self.cfg), calibration_record(self.prepared), self.quantized, self.sparsity,
+                          rows)
+        write_card(self.directory, card)
 
 
 def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list[dict[str, Any]],
@@ -268,8 +303,7 @@ def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list
                "dtype": spec.dtype, "seqlen": spec.seqlen, "prepend_bos": spec.prepend_bos,
                "distribution_source": spec.distribution_source, "distribution_is_proxy": spec.distribution_is_proxy,
                "distribution": absolute_shares(spec.distribution)},
-        calibration={"segments": {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()},
-                     "total": prepared.calibration.total, **prepared.calibration_text.record()},
+        calibration=calibration_record(prepared),
         languages=rows,
         summary=summary(rows, run.eval.low_resource_share),
         compression={"method": type(run.compressor).__name__.lower(), "sparsity": report.sparsity,
@@ -294,7 +328,7 @@ def dense_perplexity(dense_results: DenseResults, evaluate: Callable[[], dict[st
     byte) are the windows' own, ``window_bytes``, taken afresh in every run since they depend on the text only."""
     key = {"windows": tokens_fingerprint(windows), "dtype": str(next(model.parameters()).dtype),
            "device": run.engine.device, "batch_size": run.eval.batch_size, "chunk_tokens": run.eval.chunk_tokens,
-           "code": source_fingerprint(perplexity_module, adapter_module)}
+           "eval_dtype": run.eval.dtype, "code": source_fingerprint(perplexity_module, adapter_module)}
     value, source, entry = dense_results.get(
         "perplexity", key, lambda: {k: [v.nll, v.tokens] for k, v in evaluate().items()})
     log.info("dense perplexity: %s (%s)", source, entry)
@@ -387,4 +421,17 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     except OSError as err:  # the result files are written; a logger that cannot flush (full disk) loses only itself
         log.warning("the logger could not finish (%s: %s); the result files are written", type(err).__name__,
                     err.strerror or err)
+    if prepared.run.push_to_hub and result.export:
+        push_checkpoint(Path(result.export["directory"]), prepared.run.push_to_hub)
     return result.to_json()
+
+
+def push_checkpoint(directory: Path, repo_id: str) -> None:
+    """Upload the exported checkpoint once the results are written; a failure says what is kept and how to retry."""
+    try:
+        url = push(directory, repo_id)
+    except Exception as err:  # noqa: BLE001 - network, authentication, permissions: all said in one line
+        raise PushFailed(f"could not push {directory} to the hub repository {repo_id} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); the results and the checkpoint are "
+                         f"written; retry with: hf upload {repo_id} {directory} .") from err
+    print(f"mbs: pushed {directory} to {url}", flush=True)

@@ -106,3 +106,34 @@ def test_bits_per_byte_is_nll_over_ln2_bytes(tokenizer):
     assert LanguageLoss(nll=2 * math.log(2), tokens=1, bytes=2).bpb == pytest.approx(1.0)
     with pytest.raises(ValueError, match="2 byte counts for 3 windows"):
         evaluate_languages(model, windows, "cpu", progress=False, window_bytes={"en": [1, 2]})
+
+
+def test_eval_dtype_float32_evaluates_in_fp32_and_gives_the_weights_back():
+    """eval.dtype=float32 on a bf16 model is the evaluation of its fp32 copy, and leaves every weight and buffer as it
+    was (bf16 -> fp32 -> bf16 is exact); float32-head forms the logits from the bf16 body's hidden states in fp32."""
+    import copy
+
+    from mbs.models.adapter import Adapter
+
+    model = tiny("gemma3").to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v.dtype for k, v in model.named_buffers()}
+    stream = torch.randint(3, 512, (70,), generator=torch.Generator().manual_seed(0))
+    windows = {"xx": eval_windows(stream, seqlen=16, prefix=[1])}
+    fp32 = evaluate_languages(copy.deepcopy(model).float(), windows, "cpu", 3, 7, progress=False, dtype="model")
+    cast = evaluate_languages(model, windows, "cpu", 3, 7, progress=False, dtype="float32")
+    assert cast["xx"].nll == fp32["xx"].nll
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    assert {k: v.dtype for k, v in model.named_buffers()} == buffers
+    hidden = model.base_model(input_ids=windows["xx"][0][None]).last_hidden_state[0]
+    head = model.get_output_embeddings().weight
+    assert torch.equal(Adapter(model, head_dtype=torch.float32).logits(hidden), hidden.float() @ head.float().T)
+    assert torch.equal(Adapter(model).logits(hidden), (hidden @ head.T).float())
+
+
+def test_a_bad_eval_dtype_is_refused_in_one_line():
+    from mbs.config import EvalConfig
+
+    with pytest.raises(ValueError, match=r"^eval.dtype='bf16' is not one of model, float32-head, float32$"):
+        EvalConfig(dtype="bf16")
+    assert EvalConfig().dtype == "float32-head"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,12 @@ class LanguageLoss:
         return self.nll / (math.log(2) * self.bytes) if self.bytes else None
 
 
+# eval.dtype: "model" runs the whole evaluation in the model's dtype (bf16 logits: each rounded to 8 bits of mantissa);
+# "float32-head" (default) keeps the body in the model's dtype and forms the logits from its hidden states in fp32;
+# "float32" casts every weight to fp32 for the evaluation (given back after). On Gemma 3 270M, bf16 logits moved dense
+# perplexities up to 3.1% from the fp32 evaluation (hi, bn), fp32 logits 0.35%, for 16% more time (benchmarks/
+# eval_threads.py; README, Evaluation precision).
+EVAL_DTYPES = ("model", "float32-head", "float32")
 VOCAB_SLICE = 4096  # vocabulary entries per logits slab: chunk_tokens x 4096 fp32 values stay in cache
 
 
@@ -83,13 +90,45 @@ def window_nll(model: nn.Module, adapter: Adapter, windows: torch.Tensor, chunk_
 @torch.no_grad()
 def evaluate_languages(model: nn.Module, windows: dict[str, list[torch.Tensor]], device: torch.device | str,
                        batch_size: int = 8, chunk_tokens: int = 1024, progress: bool = True,
-                       vocab_slice: int = VOCAB_SLICE, window_bytes: Mapping[str, Sequence[int]] | None = None
-                       ) -> dict[str, LanguageLoss]:
+                       vocab_slice: int = VOCAB_SLICE, window_bytes: Mapping[str, Sequence[int]] | None = None,
+                       dtype: str = "float32-head") -> dict[str, LanguageLoss]:
     """Perplexity of every language; windows of equal length are batched together (the last, shorter window of a
     language runs on its own, so no padding enters the loss). ``window_bytes`` (per language, per window:
-    :func:`mbs.data.calibration.window_bytes`) gives each loss its bytes, hence bits per byte."""
-    adapter = Adapter(model)
+    :func:`mbs.data.calibration.window_bytes`) gives each loss its bytes, hence bits per byte. ``dtype``: one of
+    :data:`EVAL_DTYPES`, the precision of the evaluation."""
+    check_eval_dtype(dtype)
     model.to(device)
+    with evaluated_in(model, torch.float32 if dtype == "float32" else None):
+        adapter = Adapter(model, head_dtype=torch.float32 if dtype == "float32-head" else None)
+        return _evaluate(model, adapter, windows, device, batch_size, chunk_tokens, progress, vocab_slice,
+                         window_bytes)
+
+
+def check_eval_dtype(dtype: str) -> None:
+    if dtype not in EVAL_DTYPES:
+        raise ValueError(f"eval.dtype={dtype!r} is not one of {', '.join(EVAL_DTYPES)}")
+
+
+@contextmanager
+def evaluated_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Every floating-point parameter and buffer in ``dtype`` while the block runs, each given back its own dtype
+    after (bf16 -> fp32 -> bf16 is exact), so compression and export see the weights as they were. None: as they are."""
+    if dtype is None:
+        yield
+        return
+    saved = [(t, t.dtype) for t in [*model.parameters(), *model.buffers()] if t.is_floating_point() and t.dtype != dtype]
+    for t, _ in saved:
+        t.data = t.data.to(dtype)
+    try:
+        yield
+    finally:
+        for t, original in saved:
+            t.data = t.data.to(original)
+
+
+def _evaluate(model: nn.Module, adapter: Adapter, windows: dict[str, list[torch.Tensor]], device: torch.device | str,
+              batch_size: int, chunk_tokens: int, progress: bool, vocab_slice: int,
+              window_bytes: Mapping[str, Sequence[int]] | None) -> dict[str, LanguageLoss]:
     first = next((w for ws in windows.values() for w in ws), None)
     if first is not None:  # the head's maths, checked against the model's own forward on a few tokens
         adapter.check_logits(first[:16].unsqueeze(0).to(device))

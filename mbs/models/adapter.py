@@ -94,8 +94,10 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 class Adapter:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, head_dtype: torch.dtype | None = None) -> None:
         self.model = model
+        # the dtype of the head's matrix product in logits(); None: the model's (bf16 logits are rounded to 8 bits)
+        self.head_dtype = head_dtype
         self.layers_path, self._layers = find_layers(model)
 
     @property
@@ -218,11 +220,15 @@ class Adapter:
         return (hidden,) + (None,) * (len(like) - 1) if isinstance(like, (tuple, list)) else hidden
 
     def logits(self, hidden: torch.Tensor, vocabulary: slice = slice(None)) -> torch.Tensor:
-        """Final-norm'd hidden states to fp32 logits (of a slice of the vocabulary), with what the model's head does
-        after its matrix: Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's soft-capping."""
+        """Final-norm'd hidden states to fp32 logits (of a slice of the vocabulary; the product in ``head_dtype`` when
+        set, else in the model's dtype), with what the model's head does after its matrix: Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's soft-capping."""
         head = self.model.get_output_embeddings()
         bias = head.bias[vocabulary] if getattr(head, "bias", None) is not None else None
-        logits = nn.functional.linear(hidden, head.weight[vocabulary], bias).float()
+        weight = head.weight[vocabulary]
+        if self.head_dtype is not None:
+            hidden, weight = hidden.to(self.head_dtype), weight.to(self.head_dtype)
+            bias = None if bias is None else bias.to(self.head_dtype)
+        logits = nn.functional.linear(hidden, weight, bias).float()
         config = self.model.config
         if getattr(config, "logit_scale", None):
             logits = logits * config.logit_scale

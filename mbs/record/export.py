@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,6 +141,7 @@ def export(model: nn.Module, directory: str | Path, compressor: Any = None, toke
 def replacing_directory(directory: Path) -> Iterator[Path]:
     """A temporary sibling to write; on success it takes the place of ``directory`` (an older one is removed only
     then), on failure it is removed and ``directory`` is left as it was."""
+    clean_orphans(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -154,6 +156,43 @@ def replacing_directory(directory: Path) -> Iterator[Path]:
             os.replace(old, directory)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: a process of another user has that pid
+        return True
+    return True
+
+
+def clean_orphans(directory: Path) -> list[Path]:
+    """Remove what a killed :func:`replacing_directory` left beside ``directory``: ``.<name>.tmp<pid>`` (a half- or
+    fully-written replacement) and ``.<name>.old<pid>`` (the previous directory, renamed away just before the
+    replacement took its place), for pids that are no longer running on this machine; a live writer's are left alone.
+    When ``directory`` itself is missing (killed between the two renames), the previous one is put back, so the
+    directory matches the results.json beside it. Returns what was removed."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(directory.name)}\.(tmp|old)(\d+)$")
+    found = [(m.group(1), int(m.group(2)), p) for p in (directory.parent.iterdir() if directory.parent.is_dir() else [])
+             if (m := pattern.match(p.name))]
+    for kind, pid, path in sorted(found, key=lambda f: f[0] != "old"):  # restore an old one before removing temps
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if kind == "old" and not directory.exists():
+            os.replace(path, directory)
+            log.warning("%s was missing after an interrupted export (process %d); the previous one is back", directory,
+                        pid)
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+        log.info("removed %s, left by an interrupted export (process %d)", path, pid)
+    return removed
 
 
 def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, save_format: str) -> dict[str, Any]:

@@ -106,6 +106,8 @@ class WandbLogger:
         for key, value in summary.items():
             self._run.summary[key] = value
         self._log_artifact(results)
+        if results.export:
+            self._log_model(results)
 
     def _degradation_image(self, results: RunResult) -> Any:
         """The report's figure for this one run (W&B's own bar plot may re-sort bars), captioned with the run name."""
@@ -140,6 +142,22 @@ class WandbLogger:
         with artifact.new_file("results.json", mode="w", encoding="utf-8") as f:
             f.write(json.dumps(results.to_json(), indent=2, default=str))
         self._run.log_artifact(artifact)
+
+    def _log_model(self, results: RunResult) -> None:
+        """The exported checkpoint (save_model=true: weights, config, tokenizer, model card) as an artifact of type
+        ``model``, named after the experiment id. The files are referenced where they are (policy immutable: the run
+        does not change them after this), not copied into a staging area; a failure here loses no result."""
+        import wandb
+
+        try:
+            artifact = wandb.Artifact(f"model-{results.experiment_id or self._run.id}", type="model",
+                                      metadata={"name": self._run.name, "format": results.export.get("format"),
+                                                "bytes_on_disk": results.export.get("bytes_on_disk"),
+                                                **results.run.get("choices", {})})
+            artifact.add_dir(results.export["directory"], policy="immutable")
+            self._run.log_artifact(artifact)
+        except Exception as err:  # noqa: BLE001 - the checkpoint is on disk; W&B holding a copy is a convenience
+            log.warning("W&B model artifact not logged: %s", err)
 
     def finish(self, failed: bool = False) -> None:
         if self._run is not None:
