@@ -1,76 +1,24 @@
-"""MBS entry point: `python run.py model=bloom-3b sampler=mbs compressor=wanda` (see README.md).
+"""MBS entry point in a checkout: `python run.py model=bloom-3b sampler=mbs compressor=wanda` (see README.md); the
+installed command `mbs run ...` is the same (mbs/launch.py). `python run.py --help` lists the groups and common keys.
 Sweeps: `python run.py --multirun +sweep=demo` (sweeps/*.yaml); each job resumes, fails alone, see mbs/sweep.py."""
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mbs.config import register
+from mbs.launch import check_choices, task
 
-register()
-log = logging.getLogger("mbs")
 CONF = Path(__file__).resolve().parent / "conf"
-
-
-def check_choices(args: list[str]) -> None:
-    """A one-line error for an unknown group option (``model=nope``) instead of Hydra's multi-line one."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
-    except Exception:  # let Hydra report syntax errors itself
-        return
-    for override in overrides:
-        if override.key_or_group == "hydra/launcher" and str(override.value()) != "basic":
-            from mbs.extras import require
-
-            try:
-                require("hydra_plugins.hydra_submitit_launcher", "slurm", f"hydra/launcher={override.value()}")
-            except ValueError as err:
-                print(f"mbs: error: {err}", file=sys.stderr)
-                sys.exit(2)
-        group = CONF / override.key_or_group
-        if override.is_add() or override.is_delete() or not group.is_dir() or override.key_or_group.startswith("hydra"):
-            continue
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-        known = sorted(p.stem for p in group.glob("*.yaml"))
-        for value in values:
-            if str(value) not in known:
-                print(f"mbs: error: unknown {override.key_or_group} {value!r}; available: {', '.join(known)}",
-                      file=sys.stderr)
-                sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from mbs.pipeline import ResultsNotWritten, UserError, run
-
-    hc = HydraConfig.get()
-    if hc.mode.name == "MULTIRUN":
-        from mbs.sweep import run_job
-
-        results = run_job(cfg, hc, run)
-    else:
-        try:
-            results = run(cfg, hc.runtime.output_dir)
-        except UserError as err:  # bad input, caught before the model loads: one line, no traceback
-            print(f"mbs: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except ResultsNotWritten as err:  # e.g. a full disk: the table was printed and logged already
-            print(f"mbs: error: {err}", file=sys.stderr)
-            sys.exit(1)
-    if results is None or results.get("dry_run"):
-        return None
-    if (Path(hc.runtime.output_dir) / "results.json").exists():  # not for a skipped job: it says where its results are
-        print(f"mbs: results in {hc.runtime.output_dir} (results.json, results.csv, results.md)", flush=True)
-    return results["summary"]["mean_log_ratio"]  # the table was printed by the run (or the skip notice)
+    return task(cfg)
 
 
 if __name__ == "__main__":
-    check_choices(sys.argv[1:])
+    check_choices(sys.argv[1:], CONF)
     main()
