@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mbs.compress.base import Compressor
-from mbs.config import build, register
+from mbs.config import CONFIG_SEARCH_PATH, build, register
 from mbs.compress import engine
 from mbs.compress.engine import CompressionReport, EngineConfig, StatisticsObserver
 from mbs.data.cache import TokenCache
@@ -20,16 +20,17 @@ from mbs.data.corpora import Corpus
 from mbs.data.sampling import ProportionalSampler, Sampler
 from mbs.evaluate.perplexity import LanguageLoss, evaluate_languages
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+def _compose(overrides: Sequence[str], with_hydra: bool = False):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    register()
+    with initialize_config_module(config_module=CONFIG_SEARCH_PATH.removeprefix("pkg://"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def compose(*overrides: str):
-    """The run config exactly as ``python run.py <overrides>`` composes it (this checkout's ``conf/``), unchecked."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    """The run config exactly as ``mbs run <overrides>`` (or ``python run.py``) composes it, unchecked."""
+    return _compose(overrides)
 
 
 def configure(*overrides: str):
@@ -93,3 +94,29 @@ def export(model: nn.Module, directory: str | Path, compressor: Compressor | Non
     from mbs.record.export import export as write
 
     return write(model, directory, compressor, tokenizer, save_format)
+
+
+def run(*overrides: str, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """One run as ``mbs run <overrides>`` does it, in this process: the same configs and defaults (the default run is
+    Gemma 3 270M, UDHR, MBS calibration, Wanda 50%), the same checks and result files. Returns results.json's content
+    (``mbs.record.results.RunResult.from_json`` reads it back; with ``dry_run=true``: ``{"dry_run": plan}``).
+    ``output_dir``: where results.json/csv/md go (default: the command's, outputs/<date>/<time>_<model>_<compressor>_
+    <sampler> under the working directory). Bad input raises ValueError naming the value, before the model loads.
+    Unlike the command it writes no ``.hydra/`` folder and leaves logging to the caller (INFO lines go to the
+    ``mbs`` loggers), and ``--multirun`` is the command's alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from mbs.pipeline import run as run_pipeline
+
+    cfg = _compose(overrides, with_hydra=True)
+    if output_dir is None:
+        output_dir = cfg.hydra.run.dir
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)  # the run's name and results.json read the chosen options from it
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]  # as Hydra hands the config to the command's task
+        return run_pipeline(cfg, output_dir)
+    finally:
+        HydraConfig.instance().cfg = previous
