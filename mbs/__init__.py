@@ -17,7 +17,7 @@ from typing import Any
 
 _EXPORTS = {
     # the calls (mbs/api.py; mbs/pipeline.py runs the same ones)
-    "run": "mbs.api", "compose": "mbs.api", "configure": "mbs.api", "load": "mbs.api", "calibration_mixture": "mbs.api",
+    "run": "mbs.launch", "compose": "mbs.api", "configure": "mbs.api", "load": "mbs.api", "calibration_mixture": "mbs.api",
     "evaluation_windows": "mbs.api", "compress_model": "mbs.api", "perplexity": "mbs.api", "export": "mbs.api",
     "window_bytes": "mbs.api",
     "load_exported": "mbs.record.export",

@@ -20,17 +20,15 @@ from mbs.data.corpora import Corpus
 from mbs.data.sampling import ProportionalSampler, Sampler
 from mbs.evaluate.perplexity import LanguageLoss, evaluate_languages
 
-def _compose(overrides: Sequence[str], with_hydra: bool = False):
+
+def compose(*overrides: str, return_hydra_config: bool = False):
+    """The run config exactly as ``mbs run <overrides>`` (or ``python run.py``) composes it, unchecked; with
+    ``return_hydra_config=True`` also its ``hydra`` node (run directory, chosen options)."""
     from hydra import compose as hydra_compose, initialize_config_module
 
     register()
     with initialize_config_module(config_module=CONFIG_SEARCH_PATH.removeprefix("pkg://"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
-
-
-def compose(*overrides: str):
-    """The run config exactly as ``mbs run <overrides>`` (or ``python run.py``) composes it, unchecked."""
-    return _compose(overrides)
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def configure(*overrides: str):
@@ -95,28 +93,3 @@ def export(model: nn.Module, directory: str | Path, compressor: Compressor | Non
 
     return write(model, directory, compressor, tokenizer, save_format)
 
-
-def run(*overrides: str, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """One run as ``mbs run <overrides>`` does it, in this process: the same configs and defaults (the default run is
-    Gemma 3 270M, UDHR, MBS calibration, Wanda 50%), the same checks and result files. Returns results.json's content
-    (``mbs.record.results.RunResult.from_json`` reads it back; with ``dry_run=true``: ``{"dry_run": plan}``).
-    ``output_dir``: where results.json/csv/md go (default: the command's, outputs/<date>/<time>_<model>_<compressor>_
-    <sampler> under the working directory). Bad input raises ValueError naming the value, before the model loads.
-    Unlike the command it writes no ``.hydra/`` folder and leaves logging to the caller (INFO lines go to the
-    ``mbs`` loggers), and ``--multirun`` is the command's alone."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from mbs.pipeline import run as run_pipeline
-
-    cfg = _compose(overrides, with_hydra=True)
-    if output_dir is None:
-        output_dir = cfg.hydra.run.dir
-    previous = HydraConfig.instance().cfg
-    HydraConfig.instance().set_config(cfg)  # the run's name and results.json read the chosen options from it
-    try:
-        with open_dict(cfg):
-            del cfg["hydra"]  # as Hydra hands the config to the command's task
-        return run_pipeline(cfg, output_dir)
-    finally:
-        HydraConfig.instance().cfg = previous

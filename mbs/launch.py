@@ -1,11 +1,13 @@
 """The Hydra command line, shared by ``mbs run [overrides...]`` (the installed command) and ``python run.py ...`` (a
-checkout): the one-line check of group options before Hydra starts, the task each job runs, and the ``--help`` text
-(conf/hydra/help/mbs.yaml, whose group lines come from :func:`groups_help`)."""
+checkout): the one-line check of group options before Hydra starts, the task each job runs, the ``--help`` text
+(conf/hydra/help/mbs.yaml, whose group lines come from :func:`groups_help`), and ``mbs.run()``, the same run from
+Python."""
 from __future__ import annotations
 
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -115,3 +117,30 @@ def command(argv: list[str]) -> int:
     sys.argv = [f"{Path(sys.argv[0]).name} run", *argv]  # Hydra parses sys.argv
     hydra.main(version_base="1.3", config_path=CONFIG_SEARCH_PATH, config_name="config")(task)()
     return 0
+
+
+def run(*overrides: str, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """One run as ``mbs run <overrides>`` does it, in this process: the same configs and defaults (the default run is
+    Gemma 3 270M, UDHR, MBS calibration, Wanda 50%), the same checks and result files. Returns results.json's content
+    (``mbs.record.results.RunResult.from_json`` reads it back; with ``dry_run=true``: ``{"dry_run": plan}``).
+    ``output_dir``: where results.json/csv/md go (default: the command's, outputs/<date>/<time>_<model>_<compressor>_
+    <sampler> under the working directory). Bad input raises ValueError naming the value, before the model loads.
+    Unlike the command it writes no ``.hydra/`` folder and leaves logging to the caller (INFO lines go to the
+    ``mbs`` loggers), and ``--multirun`` is the command's alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from mbs.api import compose
+    from mbs.pipeline import run as run_pipeline
+
+    cfg = compose(*overrides, return_hydra_config=True)
+    if output_dir is None:
+        output_dir = cfg.hydra.run.dir
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)  # the run's name and results.json read the chosen options from it
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]  # as Hydra hands the config to the command's task
+        return run_pipeline(cfg, output_dir)
+    finally:
+        HydraConfig.instance().cfg = previous

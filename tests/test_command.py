@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 
 import mbs
 from conftest import CONF, ROOT, SWEEP_TINY, run_py
-from mbs.api import _compose
 from mbs.launch import GROUPS
 
 TINY = ["model=tiny-llama", "logger=none", "sampler.segments=12", "eval.languages=[en,sw]", "eval.max_windows=2",
@@ -96,7 +95,7 @@ def test_help_lists_each_group_once_with_its_options_and_the_common_keys():
     assert "[none]:" in entries["zeroshot"]
     names = [line.split()[0] for line in keys.splitlines()[1:] if line.startswith("  ") and line[2] != " "]
     assert len(names) >= 10 and "seed" in names and "hydra.run.dir" in names
-    configs = [_compose([], with_hydra=True), _compose(["compressor=gptq"])]  # gptq: compressor.bits, .groupsize
+    configs = [mbs.compose(return_hydra_config=True), mbs.compose("compressor=gptq")]  # gptq: compressor.bits
     for name in names:  # every key named is a key of the run config
         assert any(OmegaConf.select(cfg, name, default="absent") != "absent" for cfg in configs), name
     assert "compressor.sparsity" in names and "sampler.segments" in names
