@@ -26,6 +26,7 @@ def languages(results: dict) -> dict:
     return {row["language"]: (row["dense_ppl"], row["compressed_ppl"]) for row in results["languages"]}
 
 
+@pytest.mark.slow
 def test_mbs_run_and_mbs_run_in_python_are_python_run_py(tmp_path, monkeypatch):
     run_py(tmp_path / "script", *TINY)
     proc = mbs_run(f"hydra.run.dir={tmp_path / 'command'}", "progress=false", *TINY)
