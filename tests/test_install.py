@@ -70,7 +70,7 @@ def test_wheel_install_runs_away_from_the_checkout(tmp_path):
     assert not (conf / "sweep").is_symlink()  # the wheel carries the sweeps' files, not a link into a checkout
 
     out = run(str(bin_dir / "mbs"), "run", *TINY, "hydra.run.dir=single")
-    assert "mbs: results in single" in out
+    assert f"mbs: results in {work / 'single'}" in out
     single = json.loads((work / "single" / "results.json").read_text())
     assert single["run"]["name"] == "tiny-llama · wanda 0.5 · mbs · seed 0"
     assert (work / "single" / ".hydra" / "config.yaml").is_file() and (work / "single" / "run.log").is_file()
