@@ -283,7 +283,7 @@ COMPRESSORS = {  # each takes the quantizers' group size
     "magnitude-2:4": lambda groupsize: Magnitude(sparsity=0.5, n=2, m=4),
     "sparsegpt": lambda groupsize: SparseGPT(sparsity=0.5),
     "sparsegpt-2:4": lambda groupsize: SparseGPT(sparsity=0.5, n=2, m=4),
-    "gptq-4b": lambda groupsize: GPTQ(bits=4, groupsize=groupsize),
+    "gptq-4b": lambda groupsize: GPTQ(bits=4, groupsize=groupsize, actorder=False, static_groups=False),
     "rtn-4b": lambda groupsize: RTN(bits=4, groupsize=groupsize),
 }
 

@@ -45,8 +45,8 @@ OURS = {  # the same settings as llm-compressor's modifiers in the worker
 
 
 GPTQ_SETTINGS = {  # MBS only, beside the llm-compressor setting (sym, act-order, static groups) measured above
-    "sym, plain column order": mbs.GPTQ(bits=4, sym=True, groupsize=128),
-    "asym, plain column order": mbs.GPTQ(bits=4, sym=False, groupsize=128),
+    "sym, plain column order": mbs.GPTQ(bits=4, sym=True, groupsize=128, actorder=False, static_groups=False),
+    "asym, plain column order": mbs.GPTQ(bits=4, sym=False, groupsize=128, actorder=False, static_groups=False),
     "asym, act-order, static groups (compressor=gptq default)": lambda: mbs.configure("compressor=gptq").compressor,
 }
 

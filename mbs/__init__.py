@@ -2,6 +2,8 @@
 data, compress layer by layer, measure every language.
 
     import mbs
+    result = mbs.run("model=bloom-560m", "compressor=gptq", output_dir="out")  # as `mbs run model=... compressor=...`
+
     calibration = mbs.calibration_mixture(tokenizer, mbs.UDHRCorpus(), distribution, seqlen=256)
     report = mbs.compress_model(model, mbs.Wanda(sparsity=0.5), calibration)
     losses = mbs.perplexity(model, mbs.evaluation_windows(tokenizer, mbs.UDHRCorpus(), ["en", "sw"], seqlen=256))
@@ -15,7 +17,7 @@ from typing import Any
 
 _EXPORTS = {
     # the calls (mbs/api.py; mbs/pipeline.py runs the same ones)
-    "compose": "mbs.api", "configure": "mbs.api", "load": "mbs.api", "calibration_mixture": "mbs.api",
+    "run": "mbs.launch", "compose": "mbs.api", "configure": "mbs.api", "load": "mbs.api", "calibration_mixture": "mbs.api",
     "evaluation_windows": "mbs.api", "compress_model": "mbs.api", "perplexity": "mbs.api", "export": "mbs.api",
     "window_bytes": "mbs.api",
     "load_exported": "mbs.record.export",

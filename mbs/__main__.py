@@ -1,4 +1,4 @@
-"""`python -m mbs <command> <sweep dir>`: report, analyze (mbs/cli.py)."""
+"""`python -m mbs <command> ...`: run [overrides...], report|analyze <sweep dir> (mbs/cli.py), as the `mbs` command."""
 import sys
 
 from mbs.cli import entry

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mbs.compress.base import Compressor
-from mbs.config import build, register
+from mbs.config import CONFIG_SEARCH_PATH, build, register
 from mbs.compress import engine
 from mbs.compress.engine import CompressionReport, EngineConfig, StatisticsObserver
 from mbs.data.cache import TokenCache
@@ -20,16 +20,15 @@ from mbs.data.corpora import Corpus
 from mbs.data.sampling import ProportionalSampler, Sampler
 from mbs.evaluate.perplexity import LanguageLoss, evaluate_languages
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
-
-def compose(*overrides: str):
-    """The run config exactly as ``python run.py <overrides>`` composes it (this checkout's ``conf/``), unchecked."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+def compose(*overrides: str, return_hydra_config: bool = False):
+    """The run config exactly as ``mbs run <overrides>`` (or ``python run.py``) composes it, unchecked; with
+    ``return_hydra_config=True`` also its ``hydra`` node (run directory, chosen options)."""
+    from hydra import compose as hydra_compose, initialize_config_module
 
     register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    with initialize_config_module(config_module=CONFIG_SEARCH_PATH.removeprefix("pkg://"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def configure(*overrides: str):
@@ -166,3 +165,4 @@ def export(model: nn.Module, directory: str | Path, compressor: Compressor | Non
     check_creatable(directory, "directory")
 
     return write(model, directory, compressor, tokenizer, save_format)
+

@@ -1,6 +1,7 @@
-"""The command lines that read a sweep directory, one convention for all: ``mbs <command> <sweep dir> [--out DIR]``
-(also ``mbs-<command>`` and ``python -m mbs.<command>``). Each prints the sweep's status, what it found and the files
-it wrote; bad input is one line on stderr (exit 2), a sweep with nothing to read yet exits 1."""
+"""The ``mbs`` command: ``mbs run [overrides...]`` (mbs/launch.py) and the commands that read a sweep directory, one
+convention for all: ``mbs <command> <sweep dir> [--out DIR]`` (also ``mbs-<command>`` and ``python -m mbs.<command>``).
+Each prints the sweep's status, what it found and the files it wrote; bad input is one line on stderr (exit 2), a
+sweep with nothing to read yet exits 1."""
 from __future__ import annotations
 
 import argparse
@@ -100,9 +101,15 @@ def analyze(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """``python -m mbs <command> ...``."""
+    """``mbs <command> ...`` (the console command) and ``python -m mbs <command> ...``: ``run [overrides...]`` is a
+    run or sweep (mbs/launch.py, as ``python run.py``); the others read a sweep directory."""
+    names = ", ".join(["run", *COMMANDS])
+    if len(sys.argv) >= 2 and sys.argv[1] == "run":
+        from mbs.launch import command
+
+        return command(sys.argv[2:])
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        names = ", ".join(COMMANDS)
-        print(f"usage: python -m mbs {{{names}}} <sweep dir> [options]; one of: {names}", file=sys.stderr)
+        print(f"usage: mbs {{{names}}} ...: run [overrides...] (mbs run --help), report|analyze <sweep dir> [options]",
+              file=sys.stderr)
         return 2
     return main(sys.argv[1], sys.argv[2:])

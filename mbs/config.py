@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -29,6 +30,15 @@ from mbs.record.export import check_format
 from mbs.record.jobs import job_dirname
 from mbs.record.loggers import NoLogger, WandbLogger
 from mbs.record.results import LOW_RESOURCE_SHARE
+
+
+# The run configs (conf/ of the checkout, linked as the package mbs.conf; a wheel carries a copy, pyproject.toml).
+CONFIG_SEARCH_PATH = "pkg://mbs.conf"
+
+
+def config_dir() -> Path:
+    """The directory behind ``pkg://mbs.conf``: the checkout's conf/ (through the link mbs/conf) or the wheel's copy."""
+    return Path(__file__).resolve().parent / "conf"
 
 
 @dataclass

@@ -1,11 +1,15 @@
 """The Python API: the README's example runs as written (on a tiny Llama), and the mixture feeds other toolkits."""
+import dataclasses
 import re
 from pathlib import Path
 
+import pytest
 import torch
+from omegaconf import OmegaConf
 
 import mbs
 from conftest import calibration
+from mbs.compress.registry import COMPRESSORS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = '"model=tiny-llama", "+model.tiny_config.hidden_size=128", "+model.tiny_config.intermediate_size=256"'
@@ -52,3 +56,37 @@ def test_import_mbs_is_light():
 
     code = "import sys, mbs; assert 'torch' not in sys.modules and 'transformers' not in sys.modules; mbs.GPTQ"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=README.parent)
+
+
+# What the run configs give each class that its Python default does not, and why (the docstrings say so too).
+CONFIG_ONLY = {"languages": "the run configs take ${eval.languages}; in Python the caller names them"}
+
+
+def class_defaults(cls) -> dict:
+    return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls) if f.name not in CONFIG_ONLY}
+
+
+def composed(cfg, cls) -> dict:
+    built = OmegaConf.to_object(cfg)
+    assert type(built) is cls
+    return {f.name: getattr(built, f.name) for f in dataclasses.fields(cls) if f.name not in CONFIG_ONLY}
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_compressor_classes_default_to_the_run_configs(name):
+    """``mbs.GPTQ()`` is ``compressor=gptq``, and so on for every compressor (conf/compressor/*.yaml)."""
+    cls = COMPRESSORS[name]
+    assert class_defaults(cls) == composed(mbs.compose(f"compressor={name}").compressor, cls)
+
+
+@pytest.mark.parametrize("option, cls", [("mbs", mbs.ProportionalSampler), ("temperature", mbs.TemperatureSampler),
+                                         ("uniform", mbs.UniformSampler), ("monolingual", mbs.MonolingualSampler)])
+def test_sampler_classes_default_to_the_run_configs(option, cls):
+    assert class_defaults(cls) == composed(mbs.compose(f"sampler={option}").sampler, cls)
+
+
+def test_counts_sampler_and_engine_default_to_the_run_configs():
+    cfg = mbs.compose("sampler=counts", "++sampler.per_language={en: 3}")
+    assert composed(cfg.sampler, mbs.CountsSampler) == {**class_defaults(mbs.CountsSampler), "per_language": {"en": 3}}
+    assert class_defaults(mbs.EngineConfig) == composed(cfg.engine, mbs.EngineConfig)
+    assert mbs.GPTQ() == mbs.configure("compressor=gptq").compressor  # the README's promise, as one comparison

@@ -18,6 +18,8 @@ from mbs.models.adapter import Adapter
 
 D_IN, D_OUT, TOKENS = 64, 32, 512
 
+PLAIN = dict(actorder=False, static_groups=False)  # GPTQ in the paper's column order, groups fitted during the sweep
+
 
 @pytest.fixture(scope="module")
 def layer_data():
@@ -63,7 +65,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(layer_data, n, m
 @pytest.mark.parametrize("bits, groupsize", [(4, -1), (3, 16), (2, 32)])
 def test_gptq_reconstructs_better_than_rtn(layer_data, bits, groupsize):
     w, x = layer_data
-    gptq = output_error(compressed(GPTQ(bits=bits, groupsize=groupsize, blocksize=16), w, x), w, x)
+    gptq = output_error(compressed(GPTQ(bits=bits, groupsize=groupsize, blocksize=16, **PLAIN), w, x), w, x)
     rtn = output_error(compressed(RTN(bits=bits, groupsize=groupsize), w, x), w, x)
     assert gptq < rtn
 
@@ -119,14 +121,14 @@ def test_sweep_matches_direct_obs_on_one_row(layer_data, mode):
 
         compressor = SparseGPT(sparsity=0.5, n=2, m=4, percdamp=percdamp, blocksize=D_IN)
     else:  # GPTQ: per-channel 4-bit grid fitted on the original row
-        spec = GPTQ(bits=4).spec
+        spec = GPTQ(bits=4, groupsize=-1).spec
         scale, zero = spec.fit(w.double())
 
         def target(i, row, h):
             margin.grid(row[i : i + 1], scale[0], zero[0], spec.maxq)
             return spec.quantize(row[i : i + 1], scale[0], zero[0]).item()
 
-        compressor = GPTQ(bits=4, percdamp=percdamp, blocksize=D_IN)
+        compressor = GPTQ(bits=4, groupsize=-1, percdamp=percdamp, blocksize=D_IN, **PLAIN)
 
     expected = direct_obs(w[0], h, target)
     assert margin.value > 1e-4, f"a mask decision lies {margin.value:.1e} (relative) from its tie: not a valid case"
@@ -174,10 +176,10 @@ def test_inner_size_keeps_look_ahead_spans_whole():
     (lambda: SparseGPT(sparsity=0.5, blocksize=64), 32),
     (lambda: SparseGPT(n=2, m=4, blocksize=64), 32),
     (lambda: SparseGPT(sparsity=0.5, bits=4, groupsize=16, blocksize=64), 32),
-    (lambda: GPTQ(bits=3, groupsize=16, blocksize=64), 32),  # groups inside a sub-block
-    (lambda: GPTQ(bits=3, groupsize=64, blocksize=64), 16),  # groups spanning sub-blocks, fitted at their start
-    (lambda: GPTQ(bits=3, groupsize=16, blocksize=48), 24),  # groups would straddle sub-blocks: one level
-    (lambda: GPTQ(bits=3, groupsize=16, blocksize=64, actorder=True), 32),
+    (lambda: GPTQ(bits=3, groupsize=16, blocksize=64, **PLAIN), 32),  # groups inside a sub-block
+    (lambda: GPTQ(bits=3, groupsize=64, blocksize=64, **PLAIN), 16),  # groups spanning sub-blocks, fitted at start
+    (lambda: GPTQ(bits=3, groupsize=16, blocksize=48, **PLAIN), 24),  # groups would straddle sub-blocks: one level
+    (lambda: GPTQ(bits=3, groupsize=16, blocksize=64, actorder=True, static_groups=False), 32),
 ])
 def test_two_level_sweep_matches_the_column_by_column_sweep(layer_data, make, inner, monkeypatch):
     w, x = layer_data
@@ -242,8 +244,8 @@ def on_grid(w: torch.Tensor, grids: dict, maxq: int) -> bool:
     return bool(torch.allclose(q, q.round(), atol=1e-3) and q.round().min() >= 0 and q.round().max() <= maxq)
 
 
-@pytest.mark.parametrize("compressor", [RTN(bits=3, groupsize=16), GPTQ(bits=3, groupsize=16, blocksize=16),
-                                        GPTQ(bits=2, groupsize=-1, sym=True), RTN(bits=4, sym=True),
+@pytest.mark.parametrize("compressor", [RTN(bits=3, groupsize=16), GPTQ(bits=3, groupsize=16, blocksize=16, **PLAIN),
+                                        GPTQ(bits=2, groupsize=-1, sym=True, **PLAIN), RTN(bits=4, sym=True),
                                         SparseGPT(bits=4, groupsize=16, blocksize=16)])
 def test_quantized_weights_have_at_most_2_bits_levels_per_group(layer_data, compressor):
     w, x = layer_data
@@ -270,7 +272,7 @@ def test_act_order_with_static_groups_keeps_the_unpermuted_grouping(layer_data):
     assert torch.equal(grids["g_idx"].long(), torch.arange(D_IN) // 16)
     assert on_grid(out, grids, 7)
     # without static groups act-order groups columns in permuted order: a different grouping, still on its grids
-    dynamic = GPTQ(bits=3, groupsize=16, actorder=True, blocksize=16)
+    dynamic = GPTQ(bits=3, groupsize=16, actorder=True, static_groups=False, blocksize=16)
     out = compressed(dynamic, w, x)
     grids = dynamic.records["layer 0 test"]
     assert not torch.equal(grids["g_idx"].long(), torch.arange(D_IN) // 16)
@@ -355,7 +357,7 @@ def test_dead_inputs_are_zeroed_and_stay_finite(layer_data):
     x[:, 5] = 0.0
     out = compressed(SparseGPT(sparsity=0.5, blocksize=16), w, x)
     assert torch.all(out[:, 5] == 0) and torch.isfinite(out).all()
-    out = compressed(GPTQ(bits=4, blocksize=16), w, x)
+    out = compressed(GPTQ(bits=4, groupsize=-1, blocksize=16, **PLAIN), w, x)
     assert torch.all(out[:, 5] == 0) and torch.isfinite(out).all()
 
 
@@ -398,7 +400,7 @@ def test_engine_sparsegpt_and_gptq_on_tiny_models(arch, tokenizer):
             w = module.weight
             assert torch.all((w == 0).reshape(w.shape[0], -1, 4).sum(dim=2) == 2), name
     assert report.sparsity == pytest.approx(0.5)
-    gptq = GPTQ(bits=4, groupsize=32)
+    gptq = GPTQ(bits=4, groupsize=32, **PLAIN)
     report = compress_model(tiny(arch), gptq, calib, EngineConfig(batch_size=4), progress=False)
     assert report.layers[0]["modules"]
     assert all(m["bits"] == 4 and m["groupsize"] == 32 for layer in report.layers for m in layer["modules"].values())

@@ -83,9 +83,9 @@ def test_bad_export_input_is_refused():
                                          r"compressed-tensors, dense"):
         check_export("safetensors", mbs.Wanda())
     with pytest.raises(ValueError, match=r"static_groups=true .*or save_format=dense"):
-        check_export("compressed-tensors", mbs.GPTQ(groupsize=32, actorder=True))
-    check_export("dense", mbs.GPTQ(groupsize=32, actorder=True))  # a dense checkpoint holds any result
-    check_export("compressed-tensors", mbs.GPTQ(groupsize=-1, actorder=True))  # per channel: no groups to permute
+        check_export("compressed-tensors", mbs.GPTQ(groupsize=32, actorder=True, static_groups=False))
+    check_export("dense", mbs.GPTQ(groupsize=32, actorder=True, static_groups=False))  # a dense checkpoint holds any result
+    check_export("compressed-tensors", mbs.GPTQ(groupsize=-1, actorder=True, static_groups=False))  # per channel: none
 
     class Conv1D(torch.nn.Module):
         pass

@@ -1,8 +1,6 @@
 """What a run records about itself and how it is shown: run identity, absolute training shares, the console table,
-the degradation figure, and the option list of --help."""
+and the degradation figure (--help: tests/test_command.py)."""
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -119,13 +117,6 @@ def test_degradation_figure_bars_then_heatmap(n, tmp_path):
         assert labels[3:] == ["geo.\nmean\nall", "geo.\nmean\nshare\n<1%"]
         assert [math.exp(v) for v in ax.images[0].get_array()[0]] == pytest.approx(expected)
     assert (tmp_path / "degradation.png").stat().st_size and (tmp_path / "degradation.pdf").stat().st_size
-
-
-def test_help_lists_no_schemas():
-    proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    groups = proc.stdout.split("== Config ==")[0]
-    assert proc.returncode == 0 and "compressor: dense, gptq, magnitude, rtn, sparsegpt, wanda" in groups
-    assert "_schema" not in groups
 
 
 def test_rows_tables_and_csv_carry_bits_per_byte():

@@ -60,8 +60,13 @@ class RTN(Quantizing):
 @register_compressor("gptq")
 @dataclass
 class GPTQ(HessianSolver, Quantizing):
-    actorder: bool = False  # process columns by decreasing diag H (most active inputs first)
-    static_groups: bool = False  # fit group grids before the sweep on unpermuted columns (act-order keeps groups)
+    """GPTQ with the defaults of ``compressor=gptq`` (conf/compressor/gptq.yaml, picked on measured quality): 4-bit
+    asymmetric, groups of 128, act-order, static groups. The paper's plain column order with groups fitted during the
+    sweep is ``GPTQ(actorder=False, static_groups=False)``; one grid per row is ``groupsize=-1``."""
+
+    groupsize: int = 128  # what serving kernels expect; a divisor of every layer's input width, or -1
+    actorder: bool = True  # process columns by decreasing diag H (most active inputs first)
+    static_groups: bool = True  # fit group grids before the sweep on unpermuted columns (act-order keeps groups)
 
     def compress(self, name: str, module: nn.Linear, statistic: Hessian) -> dict[str, Any]:
         prepared = factorize(statistic, module.weight, self.percdamp, name, actorder=self.actorder)

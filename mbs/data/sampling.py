@@ -77,7 +77,8 @@ class Sampler:
 
 @dataclass
 class ProportionalSampler(Sampler):
-    """``mbs``: shares of the model's training-language distribution, renormalised over ``languages``."""
+    """``mbs``: shares of the model's training-language distribution, renormalised over ``languages`` (the run configs
+    set them to ``${eval.languages}``; in Python name them, or use :func:`mbs.calibration_mixture`'s default)."""
 
     languages: list[str] = field(default_factory=list)
 
@@ -129,8 +130,10 @@ class MonolingualSampler(Sampler):
 
 @dataclass
 class CountsSampler(Sampler):
-    """``counts``: explicit per-language segment counts; ``segments`` must equal their sum (0 means their sum)."""
+    """``counts``: explicit per-language segment counts; ``segments`` must equal their sum (0, the default as in
+    conf/sampler/counts.yaml, means their sum)."""
 
+    segments: int = 0
     per_language: dict[str, int] = field(default_factory=dict)
 
     def weights(self, distribution: Mapping[str, float]) -> dict[str, float]:
