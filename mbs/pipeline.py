@@ -269,7 +269,9 @@ def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list
                      "zeros": report.zeros, "params": report.params, "layers": report.layers,
                      "uncalibrated": report.uncalibrated,  # MoE experts no calibration token reached: left as is
                      "mode": run.engine.mode,  # sequential, or cached: non-sequential from cached statistics
-                     **({"statistics_blocks": report.statistics_blocks} if report.statistics_blocks else {})},
+                     **({"statistics_blocks": report.statistics_blocks} if report.statistics_blocks else {}),
+                     # layer_sparsity=owl: outlier ratios, target sparsity per layer, zeros planned (exact globally)
+                     **({"layer_profile": report.profile} if report.profile else {})},
         similarity=language_similarity,
         similarity_skipped=prepared.similarity_skipped,
         dense_baseline=baseline,
