@@ -61,7 +61,8 @@ def main() -> None:
     import mbs
     from mbs.pipeline import run
 
-    common = ["logger=none", "progress=false", "sampler=mbs", "analysis.layers=[]", f"eval.max_windows={args.max_windows}"]
+    common = ["logger=none", "progress=false", "sampler=mbs", "analysis.layers=[]",
+              f"eval.max_windows={args.max_windows}"]
     if args.tiny:
         common += ["model=tiny-llama", "sampler.segments=16", "eval.languages=[en,zh-Hans,hi,sw,yo]"]
     out = args.out or Path(tempfile.mkdtemp(prefix="mbs-lap-"))

@@ -1,5 +1,5 @@
-"""Pruners: magnitude (|W|, one threshold per matrix) and Wanda (|W|·||X||₂ compared per output row), both also N:M;
-every pruner (SparseGPT too) takes a layer sparsity profile, ``layer_sparsity=uniform|owl`` (mbs/compress/profile.py)."""
+"""Pruners: magnitude (|W|, one threshold per matrix) and Wanda (|W|·||X||₂ compared per output row), both also
+N:M; every pruner (SparseGPT too) takes a layer sparsity profile, ``layer_sparsity=uniform|owl`` (mbs/compress/profile.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
