@@ -310,7 +310,9 @@ def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list
                      "zeros": report.zeros, "params": report.params, "layers": report.layers,
                      "uncalibrated": report.uncalibrated,  # MoE experts no calibration token reached: left as is
                      "mode": run.engine.mode,  # sequential, or cached: non-sequential from cached statistics
-                     **({"statistics_blocks": report.statistics_blocks} if report.statistics_blocks else {})},
+                     **({"statistics_blocks": report.statistics_blocks} if report.statistics_blocks else {}),
+                     # layer_sparsity=owl: outlier ratios, target sparsity per layer, zeros planned (exact globally)
+                     **({"layer_profile": report.profile} if report.profile else {})},
         similarity=language_similarity,
         similarity_skipped=prepared.similarity_skipped,
         dense_baseline=baseline,
@@ -375,6 +377,10 @@ def plan_text(prepared: Prepared) -> str:
         lines.append(f"activations kept between layers: {activations / 1e9:.2f} GB on engine.device="
                      f"{run.engine.device} (computed from the widths: segments x seqlen x hidden size x "
                      f"{bytes_per} bytes; about twice that while a layer runs), plus one decoder layer")
+        if run.compressor.needs_profile:
+            lines.append(f"compressor.layer_sparsity={run.compressor.layer_sparsity}: a dense pre-pass over every "
+                         f"layer first (one more statistics forward and layer forward per layer; a third copy of the "
+                         f"activations while it runs)")
     lines.append(f"evaluation: {len(prepared.windows)} languages, {len(windows)} windows of up to "
                  f"{run.model.seqlen} tokens, {sum(w.numel() for w in windows):,} tokens, dense and compressed")
     if prepared.probe is not None:

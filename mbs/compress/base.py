@@ -62,6 +62,22 @@ class Compressor:
     def new_statistic(self, module: nn.Linear) -> Statistic | None:
         return None
 
+    @property
+    def needs_profile(self) -> bool:
+        """True when the layers' sparsities depend on every layer's dense statistics (``layer_sparsity=owl``): the
+        pipeline then calls :meth:`layer_figure` on each dense layer, and :meth:`plan` once, before compressing."""
+        return False
+
+    def layer_figure(self, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> float:
+        """One dense layer's figure for the profile, from its matrices' weights [out, in] and input norms ||X_j||₂
+        [in] (of the dense model's inputs), by module name."""
+        raise NotImplementedError
+
+    def plan(self, figures: list[float], modules: list[dict[str, int]]) -> dict[str, Any]:
+        """Fix each module's share of the work from every layer's figure (``modules``: per layer, {full name:
+        parameters}); return what results.json records of the profile."""
+        raise NotImplementedError
+
     def compress(self, name: str, module: nn.Linear, statistic: Statistic | None) -> dict[str, Any]:
         """Edit ``module.weight`` in place (statistics may be shared by modules with one input: do not modify them);
         return figures worth recording for this module. ``module`` is an nn.Linear or a view with the same ``weight``

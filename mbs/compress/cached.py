@@ -16,7 +16,8 @@ This is the *non-sequential* variant: every layer's statistic comes from dense-m
 the already-compressed earlier layers produced, as in the sequential engine (the default, and the reference; the
 sweep benchmark reports how far the two are apart per language). Statistics that are sums of per-token vectors
 (Wanda's; magnitude needs none) are supported; Hessians would need width² per segment, so SparseGPT and GPTQ refuse this mode. Models that route tokens to experts refuse it too
-(which tokens an expert sees is not separable by segment through the observers).
+(which tokens an expert sees is not separable by segment through the observers). A layer sparsity profile
+(``compressor.layer_sparsity=owl``) is planned from the same dense statistics, with no forward of its own.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from torch import nn
 from mbs.cache import Cache
 from mbs.compress.base import Compressor, Statistic
 from mbs.compress.engine import (CompressionReport, EngineConfig, InputGroups, PipelineContext, check_modules,
-                                 module_names)
+                                 check_profile, layer_profile_figure, module_names)
 from mbs.compress.registry import register_pipeline
 from mbs.compress.statistics import ColumnSquares
 from mbs.compress.step import compress_layer, layer_record
@@ -59,6 +60,7 @@ def check_cached(compressor: Compressor, model: nn.Module) -> None:
             raise ValueError(f"engine.mode=cached keeps per-segment vector statistics; compressor {name!r} needs "
                              f"{type(probe).__name__} (width² per segment); allowed with it: wanda, magnitude, dense "
                              f"(or engine.mode=sequential)")
+    check_profile(compressor, model)
     adapter = Adapter(model)
     if any(adapter.routed(layer) for layer in adapter.layers):
         raise ValueError("engine.mode=cached cannot split expert statistics by segment for a model that routes tokens "
@@ -179,11 +181,21 @@ def compress_cached(model: nn.Module, compressor: Compressor, calibration: Calib
     start = time.perf_counter()
     counts = {k: int(v.shape[0]) for k, v in calibration.segments.items()}
     mixed, leaders = {}, {}
-    if compressor.needs_statistics and not compressor.is_noop:
+    if (compressor.needs_statistics or compressor.needs_profile) and not compressor.is_noop:
         check_sample(calibration, statistics.source)
         mixed, leaders = statistics.mixture(counts)
     tokens = sum(counts.values()) * statistics.source.seqlen
     full = module_names(model)
+    if compressor.needs_profile:  # the statistics are the dense model's already: no pre-pass
+        figures, modules = [], []
+        for i, layer in enumerate(adapter.layers):
+            linears = adapter.linears(layer)
+            norms = {name: mixed[f"{i}.{group}"].sqrt() for name, group in leaders[str(i)].items()}
+            figures.append(layer_profile_figure(compressor, linears, norms))
+            modules.append({f"{full[id(layer)]}.{name}": m.weight.numel() for name, m in linears.items()})
+        report.profile = compressor.plan(figures, modules)
+    if not compressor.needs_statistics:
+        leaders = {}
     layers: Iterable = enumerate(adapter.layers)
     if progress:
         from tqdm import tqdm

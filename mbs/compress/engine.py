@@ -10,6 +10,11 @@
    no token reached is left as is and reported); the layer is re-run so the next layer sees compressed outputs; the
    layer goes back to the offload device.
 
+A non-uniform layer sparsity (``compressor.layer_sparsity=owl``) needs every layer's figure before the first layer is
+compressed: :func:`dense_profile` first walks the dense layers once (the same statistics forwards on the calibration
+inputs, each layer's dense outputs feeding the next, as the OWL reference does), then the pass above runs as usual.
+It costs one more statistics forward and one more layer forward per layer, and a second copy of the hidden states.
+
 The compression of one layer from its statistics is :func:`mbs.compress.step.compress_layer`, which the cached mode
 (mbs/compress/cached.py) shares; both are registered as pipelines (``engine.mode``, mbs/compress/registry.py) called
 as ``PIPELINES[mode](model, compressor, calibration, config, context)``.
@@ -118,6 +123,7 @@ class CompressionReport:
     seconds: float = 0.0
     uncalibrated: list[str] = field(default_factory=list)  # "layer i name" of modules left as is: no token reached them
     statistics_blocks: dict[str, int] | None = None  # cached mode: {"loaded": n, "computed": n} statistics blocks
+    profile: dict[str, Any] | None = None  # non-uniform layer sparsity: its figures and targets (Compressor.plan)
 
     @property
     def zeros(self) -> int:
@@ -291,6 +297,53 @@ def merged(by_language: dict[str, Statistic], fresh: Callable[[], Statistic]) ->
     return total
 
 
+class _ColumnSquaresProbe(Compressor):
+    """Asks the statistics forwards for Wanda's Σx² whatever the compressor's own statistic (a layer profile's)."""
+
+    def new_statistic(self, module: nn.Linear) -> Statistic:
+        from mbs.compress.statistics import ColumnSquares
+
+        return ColumnSquares(module.in_features, module.weight.device)
+
+
+def layer_profile_figure(compressor: Compressor, linears: dict[str, Any], norms: dict[str, torch.Tensor]) -> float:
+    """The compressor's figure of one dense layer, from the input norms of its matrices' groups (by module)."""
+    return compressor.layer_figure({name: m.weight for name, m in linears.items()}, norms)
+
+
+@torch.no_grad()
+def dense_profile(adapter: Adapter, compressor: Compressor, captured: Captured, config: EngineConfig,
+                  full: dict[int, str]) -> dict[str, Any]:
+    """Walk the dense layers once on the captured calibration inputs (each layer's dense outputs feeding the next;
+    ``captured`` is left as it was) and hand every layer's figure to ``compressor.plan``."""
+    device = torch.device(config.device)
+    hidden = list(captured.inputs)
+    figures: list[float] = []
+    modules: list[dict[str, int]] = []
+    probe = _ColumnSquaresProbe()
+    for i, layer in enumerate(adapter.layers):
+        layer.to(device)
+        linears = adapter.linears(layer)
+        stats, leader = collect_statistics(layer, adapter, probe, hidden, captured.layer_kwargs[i],
+                                           captured.languages, per_language=False)
+        norms = {name: stats[group][ALL_LANGUAGES].norm for name, group in leader.items()}
+        figures.append(layer_profile_figure(compressor, linears, norms))
+        modules.append({f"{full[id(layer)]}.{name}": m.weight.numel() for name, m in linears.items()})
+        if i + 1 < len(adapter.layers):
+            hidden = run_layer(layer, adapter, hidden, captured.layer_kwargs[i])
+        layer.to(config.offload_device)
+    return compressor.plan(figures, modules)
+
+
+def check_profile(compressor: Compressor, model: nn.Module) -> None:
+    """A layer profile splits an exact budget over every matrix, so none may be left out: models that route tokens
+    to experts (an expert no calibration token reaches is left dense) refuse it, on the skeleton."""
+    if compressor.needs_profile and any(Adapter(model).routed(layer) for layer in Adapter(model).layers):
+        raise ValueError(f"compressor.layer_sparsity={getattr(compressor, 'layer_sparsity', '')} cannot keep the "
+                         f"global sparsity exact on a model that routes tokens to experts; use "
+                         f"compressor.layer_sparsity=uniform")
+
+
 def check_modules(model: nn.Module, compressor: Compressor) -> None:
     """Ask the compressor about every module it will see (shapes only: works on a meta-device skeleton)."""
     for name, module in layer_modules(model).items():
@@ -320,6 +373,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     adapter = Adapter(model)
     layers = adapter.layers
     check_modules(model, compressor)
+    check_profile(compressor, model)
     full = module_names(model)
     start = time.perf_counter()
     report = CompressionReport()
@@ -336,9 +390,13 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     device = torch.device(config.device)
     try:
         captured = None
-        if compressor.needs_statistics:
+        if compressor.needs_statistics or compressor.needs_profile:
             batches = calibration.batches(config.batch_size, by_language=config.per_language_statistics)
             captured = capture(adapter, batches, device)
+        if compressor.needs_profile:
+            report.profile = dense_profile(adapter, compressor, captured, config, full)
+        if not compressor.needs_statistics:
+            captured = None  # the profile's pre-pass was all that needed the inputs (magnitude)
         iterator = enumerate(layers)
         if progress:
             from tqdm import tqdm
@@ -376,7 +434,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     return report
 
 
-@register_pipeline("sequential")
+@register_pipeline("sequential", check=check_profile)
 def sequential(model: nn.Module, compressor: Compressor, calibration: CalibrationSet, config: EngineConfig,
                context: PipelineContext) -> CompressionReport:
     """``engine.mode=sequential``: :func:`compress_model`."""

@@ -22,7 +22,11 @@ def lowest_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def lowest_overall(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the int(numel * sparsity) lowest-scored weights of the whole matrix (exactly)."""
-    k = int(score.numel() * sparsity)
+    return lowest_count(score, int(score.numel() * sparsity))
+
+
+def lowest_count(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest-scored weights of the whole matrix (exactly)."""
     flat = score.flatten()
     if not k:
         return torch.zeros_like(score, dtype=torch.bool)
@@ -31,6 +35,21 @@ def lowest_overall(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     ties = (flat == threshold).nonzero().squeeze(1)  # ascending index: the ones a stable sort puts first
     mask[ties[: k - int(mask.sum())]] = True
     return mask.view_as(score)
+
+
+def lowest_per_row_counts(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Prune the ``counts[r]`` lowest-scored weights of each output row r (a stable sort's choice on ties)."""
+    order = torch.sort(score, dim=1, stable=True).indices
+    ranks = torch.arange(score.shape[1], device=score.device)[None, :]
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter_(1, order, ranks < counts.to(score.device)[:, None])
+
+
+def row_counts(zeros: int, rows: int) -> torch.Tensor:
+    """``zeros`` spread over ``rows`` as evenly as integers allow (the first rows take the remainder)."""
+    counts = torch.full((rows,), zeros // rows, dtype=torch.long)
+    counts[: zeros % rows] += 1
+    return counts
 
 
 def lowest_n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ Mask selection (score w²/[H⁻¹]ᶜ_jj², the Cholesky diagonal, on the weight
 - unstructured: per block of ``blocksize`` columns, when the block starts, exactly k = int(rows·block_columns·sparsity)
   weights of the block, chosen over all its rows as in the reference; the reference zeroes every weight scoring
   <= the k-th sorted score (k+1, more on ties), this keeps exact k, so each block, and hence the matrix when
-  rows·blocksize·sparsity is an integer, has the exact target sparsity;
+  rows·blocksize·sparsity is an integer, has the exact target sparsity; under a non-uniform layer profile the matrix's
+  budget of zeros (mbs/compress/profile.py) is split over its blocks by their widths, each block pruning its share;
 - N:M: every m columns, when the sweep reaches them, the n lowest of each row (n zeros in every m).
 
 Joint quantization uses the GPTQ grid (mbs/compress/grid.py); the reference fits one grid per row only, groups
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from mbs.compress.hessian import HessianSolver, factorize, sweep
-from mbs.compress.masks import lowest_n_of_m, lowest_overall
+from mbs.compress.masks import lowest_count, lowest_n_of_m, lowest_overall
+from mbs.compress.profile import split
 from mbs.compress.pruning import Pruner
 from mbs.compress.grid import ColumnQuantizer, QuantSpec
 from mbs.compress.registry import register_compressor
@@ -60,8 +62,16 @@ class SparseGPT(HessianSolver, Pruner):
         pruned = torch.zeros(weight.shape[1], weight.shape[0], dtype=torch.bool, device=weight.device)  # [col, row]
         quantizer = ColumnQuantizer(self.spec.for_weight(module.weight), weight, self.blocksize) if self.spec.enabled else None
 
+        cols = weight.shape[1]
+        budget = None  # a non-uniform profile's zeros for this matrix, split over the blocks by their widths
+        if name in self.budgets:
+            widths = [min(self.blocksize, cols - s) for s in range(0, cols, self.blocksize)]
+            budget = split(self.budgets[name], widths)
+
         def block(start: int, end: int, w1: torch.Tensor, d1: torch.Tensor) -> None:
-            if not self.structured and self.sparsity:
+            if budget is not None:
+                pruned[start:end] = lowest_count(w1.square() / d1.square()[None, :], budget[start // self.blocksize]).T
+            elif not self.structured and self.sparsity:
                 pruned[start:end] = lowest_overall(w1.square() / d1.square()[None, :], self.sparsity).T
 
         def column(j: int, current: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
