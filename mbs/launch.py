@@ -4,8 +4,10 @@ checkout): the one-line check of group options before Hydra starts, the task eac
 Python."""
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mbs.config import CONFIG_SEARCH_PATH, config_dir, register
+from mbs.config import CONFIG_SEARCH_PATH, config_dir, config_error_line, register
 
 register()
 
@@ -85,6 +87,51 @@ def check_choices(args: list[str], conf: Path | None = None) -> None:
                 sys.exit(2)
 
 
+def check_output(args: list[str]) -> None:
+    """The run (or sweep) directory can be made and written, said in one line before Hydra tries (Hydra's own error
+    is a traceback): hydra.run.dir / hydra.sweep.dir as given, up to its first ${...}, or the configured default."""
+    from mbs.paths import check_creatable
+
+    if {"-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve"} & set(args):
+        return  # Hydra prints and exits without making a directory
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in args if "=" in a and a.split("=", 1)[0].lstrip("+~") == key]
+    value = given[-1] if given else ("multirun/" if key == "hydra.sweep.dir" else "outputs/")  # conf/config.yaml
+    static, interpolated = value.split("${")[0], "${" in value
+    directory = Path(static) if static.endswith("/") or not interpolated else Path(static).parent
+    try:
+        check_creatable(directory, key)
+    except ValueError as err:
+        print(f"mbs: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line_errors(main: Callable[[], Any]) -> None:
+    """``main()`` (a @hydra.main function) with Hydra's multi-line composition errors (an unknown key, a value of the
+    wrong type) as one line naming the key, the value and what is allowed. HYDRA_FULL_ERROR=1 keeps Hydra's own
+    report."""
+    from hydra._internal.utils import run_and_report
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing, so the error can be rewritten here
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001 - anything not about a config value is reported as Hydra reports it
+        line = config_error_line(err)
+        if line is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+            failed = err
+            run_and_report(lambda: _raise(failed))
+        print(f"mbs: error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _raise(err: BaseException) -> None:
+    raise err
+
+
 def task(cfg: DictConfig) -> float | None:
     """One job: a run (bad input is one line and exit code 2), or in a multirun a job that resumes and fails alone
     (mbs/sweep.py). Returns the mean log ratio (what a Hydra sweeper would optimise)."""
@@ -114,8 +161,9 @@ def task(cfg: DictConfig) -> float | None:
 def command(argv: list[str]) -> int:
     """``mbs run [overrides...]``: what ``python run.py`` does, with the installed configs (pkg://mbs.conf)."""
     check_choices(argv)
+    check_output(argv)
     sys.argv = [f"{Path(sys.argv[0]).name} run", *argv]  # Hydra parses sys.argv
-    hydra.main(version_base="1.3", config_path=CONFIG_SEARCH_PATH, config_name="config")(task)()
+    one_line_errors(hydra.main(version_base="1.3", config_path=CONFIG_SEARCH_PATH, config_name="config")(task))
     return 0
 
 

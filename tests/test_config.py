@@ -109,7 +109,7 @@ def test_zero_sum_distribution_is_refused():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("+compressor.sparsty=0.9", "unknown key compressor.sparsty: did you mean compressor.sparsity?"),
+    ("+compressor.sparsty=0.9", "unknown key compressor.sparsty: did you mean compressor.sparsity"),
     ("+engine.devcie=cuda", "unknown key engine.devcie: did you mean engine.device?"),
     ("+sampler.segmnts=8", "unknown key sampler.segmnts: did you mean sampler.segments?"),
     ("+model.seqln=32", "unknown key model.seqln: did you mean model.seqlen?"),
@@ -132,8 +132,9 @@ def test_open_ended_keys_stay_open():
 
 
 @pytest.mark.parametrize("override, line", [
-    ("compressor.sparsty=0.5", "mbs: error: unknown key compressor.sparsty: did you mean compressor.sparsity? the "
-                               "keys of compressor are m, n, sparsity"),
+    ("compressor.sparsty=0.5", "mbs: error: unknown key compressor.sparsty: did you mean compressor.sparsity or "
+                               "compressor.layer_sparsity? the keys of compressor are layer_sparsity, m, n, "
+                               "owl_lambda, owl_m, sparsity"),
     ("dry_run=maybe", "mbs: error: dry_run='maybe' is not a boolean (true or false)"),
     ("calibration_seqlen=long", "mbs: error: calibration_seqlen='long' is not an integer or null"),
     ("+sampler.segmnts=8", "mbs: error: unknown key sampler.segmnts: did you mean sampler.segments?"),
