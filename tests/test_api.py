@@ -1,5 +1,6 @@
 """The Python API: the README's example runs as written (on a tiny Llama), and the mixture feeds other toolkits."""
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
                                                                                  "language"}
     reloaded = mbs.load_exported(tmp_path / "bloom-560m-w4g128")
     assert mbs.perplexity(reloaded, namespace["windows"])["sw"].perplexity == namespace["compressed"]["sw"].perplexity
+
+
+def test_readme_run_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's one-call example (``mbs.run``) as written, on a tiny Llama with a short evaluation."""
+    section = README.read_text().split("## Python API", 1)[1]
+    code = [c for c in re.findall(r"```python\n(.*?)```", section, re.S) if "mbs.run(" in c][0]
+    monkeypatch.chdir(tmp_path)
+    tiny = TINY + ', "logger=none", "sampler.segments=20", "eval.languages=[en,sw,yo]", "eval.max_windows=1"'
+    exec(compile(code.replace('"model=bloom-560m"', tiny), "README.md", "exec"), {})
+    geomean, languages = capsys.readouterr().out.strip().splitlines()[-1].split(" ", 1)  # after the run's table
+    results = json.loads((tmp_path / "runs" / "bloom-gptq" / "results.json").read_text())
+    assert float(geomean) == results["summary"]["geomean_ratio"] and languages == "['en', 'sw', 'yo']"
+    assert results["run"]["choices"]["compressor"] == "gptq" and results["config"]["compressor"]["bits"] == 4
 
 
 def test_mixture_dataset_holds_the_calibration_segments(tokenizer):
