@@ -8,22 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 import mbs.config
 import mbs.pipeline
+from conftest import compose_run
 from mbs.models.loading import load_model
 from mbs.models.spec import ModelSpec
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = ["model=tiny-llama", "logger=none", "sampler.segments=8", "eval.languages=[en,sw]", "eval.max_windows=2",
         "progress=false", "analysis.layers=[]"]
 
 
-def composed(*overrides):
-    mbs.config.register()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+composed = compose_run  # the run config as run.py composes it (tests/conftest.py)
 
 
 def one_line(err) -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mbs.cache import Cache, cache_dir
-from mbs.models.spec import WEIGHT_PATTERNS, ModelSpec, check_model_package
+from mbs.models.spec import WEIGHT_PATTERNS, ModelSpec, check_model_package, max_positions
 from mbs.models.adapter import set_layers_path
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,18 @@ def load_tokenizer(spec: ModelSpec):
 
         return tiny_tokenizer(model_cache(spec))
     if spec.source == "gguf_package":
-        converted = model_cache(spec).lookup(_converted_name(spec))
-        if converted is not None:
-            return AutoTokenizer.from_pretrained(converted)
-        directory, name = _gguf_location(spec)
-        return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        return _from_gguf_package(AutoTokenizer, spec)
     return _from_hub(AutoTokenizer, spec)
+
+
+def _from_gguf_package(auto_class, spec: ModelSpec):
+    """A tokenizer or config of a GGUF package model: from its converted copy once there is one (fast), else from the
+    GGUF file itself."""
+    converted = model_cache(spec).lookup(_converted_name(spec))
+    if converted is not None:
+        return auto_class.from_pretrained(converted)
+    directory, name = _gguf_location(spec)
+    return auto_class.from_pretrained(directory, gguf_file=name)
 
 
 def _from_hub(auto_class, spec: ModelSpec, **kwargs):
@@ -195,28 +201,18 @@ def model_config(spec: ModelSpec):
     from transformers import AutoConfig
 
     if spec.source == "gguf_package":
-        converted = model_cache(spec).lookup(_converted_name(spec))
-        if converted is not None:
-            return AutoConfig.from_pretrained(converted)
-        directory, name = _gguf_location(spec)
-        return AutoConfig.from_pretrained(directory, gguf_file=name)
+        return _from_gguf_package(AutoConfig, spec)
     return _from_hub(AutoConfig, spec)
-
-
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx")
 
 
 def check_positions(config: Any, settings: dict[str, int | None], model: str) -> None:
     """Refuse a sequence length above the positions the model's config declares, before the weights load (GPT-2
     fails with an IndexError on its position table; rotary models would run past what they were trained on).
     Models without a position limit (ALiBi: BLOOM) pass."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in POSITION_KEYS:
-        limit = getattr(text, key, None)
-        if isinstance(limit, int) and limit > 0:
-            break
-    else:
+    declared = max_positions(config)
+    if declared is None:
         return
+    limit, key = declared
     for name, value in settings.items():
         if value is not None and value > limit:
             raise ValueError(f"{name}={value} is more than the {limit} positions {model} has ({key} in its config); "

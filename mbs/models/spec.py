@@ -100,13 +100,15 @@ def name_from_path(path: str) -> str:
 MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def max_positions(config: Any) -> int | None:
-    """The longest sequence a transformers config declares (top level or its text config), or None."""
-    for cfg in (config, getattr(config, "text_config", None)):
+def max_positions(config: Any) -> tuple[int, str] | None:
+    """The longest sequence a transformers config declares (its text config first, for multimodal models) and the key
+    that says so, or None (ALiBi models such as BLOOM declare none)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    for cfg in (text, config):
         for key in MAX_POSITION_KEYS:
             value = getattr(cfg, key, None) if cfg is not None else None
-            if isinstance(value, int) and value > 0:
-                return value
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, key
     return None
 
 
@@ -220,7 +222,7 @@ class ModelSpec:
             self.dtype = declared_dtype(config) or "bfloat16"
             said.append(f"dtype {self.dtype}" + ("" if declared_dtype(config) else " (config.json declares none)"))
         if self.seqlen is None:
-            limit = max_positions(config)
+            limit = (max_positions(config) or (None, ""))[0]
             self.seqlen = min(limit or AUTO_SEQLEN_CAP, AUTO_SEQLEN_CAP)
             said.append(f"seqlen {self.seqlen} (maximum positions {limit or 'not declared'}, at most "
                         f"{AUTO_SEQLEN_CAP})")
