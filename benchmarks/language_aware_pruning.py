@@ -119,7 +119,9 @@ def report(jobs: dict, methods: list[str], sparsities: list[float], seeds: list[
         for sparsity in sparsities:
             for key, label in (("geomean_ratio", "all languages"), ("low_resource_geomean_ratio", "low-resource")):
                 v, b = spread(jobs, variant, sparsity, seeds, key), spread(jobs, base, sparsity, seeds, key)
-                if v[2] < b[1]:
+                if len(seeds) < 2:
+                    verdict = "one seed: no spread to judge by"
+                elif v[2] < b[1]:
                     verdict = "helps beyond the seed spread"
                 elif v[1] > b[2]:
                     verdict = "hurts beyond the seed spread"
@@ -135,6 +137,8 @@ def figure(jobs: dict, methods: list[str], sparsities: list[float], seeds: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mbs.record.report import _ratio_axis
+
     fig, axes = plt.subplots(1, len(sparsities), figsize=(6.5 * len(sparsities), 4.2), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
         rows = jobs[methods[0], sparsity, seeds[0]]["languages"]
@@ -142,13 +146,15 @@ def figure(jobs: dict, methods: list[str], sparsities: list[float], seeds: list[
         for method in methods:
             ratios = {lang: geomean([next(r["ratio"] for r in jobs[method, sparsity, seed]["languages"]
                                           if r["language"] == lang) for seed in seeds]) for lang in order}
-            ax.plot(range(len(order)), [ratios[lang] for lang in order], marker="o", label=method)
-        ax.set_yscale("log")
+            ax.plot(range(len(order)), [ratios[lang] for lang in order], marker="o", linestyle="none", label=method)
+        ax.set_yscale("log")  # languages are categories: markers only; ticks as the report labels ratios (x1, x2, ...)
+        lo, hi = ax.get_ylim()
+        _ratio_axis(ax, lo, hi)
         ax.set_xticks(range(len(order)), order, rotation=60, fontsize=8)
         ax.set_title(f"{sparsity:.0%} unstructured, {len(seeds)} seed(s)")
         ax.set_xlabel("language (by training share, largest first)")
         ax.set_ylabel("perplexity ratio (compressed / dense)")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
