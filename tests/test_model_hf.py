@@ -67,6 +67,13 @@ def test_hf_run_on_a_local_model_in_hub_layout(tmp_path, tokenizer):
     assert results["config"]["model"]["dtype"] == "auto"  # the config as given; results["model"] as run
 
 
+def test_hf_with_a_missing_local_directory_says_so():
+    from mbs.models.spec import ModelSpec
+
+    with pytest.raises(ValueError, match=r"^model.path='/no/such/dir' is not a directory; give a local model"):
+        ModelSpec(name="", source="hub", path="/no/such/dir")
+
+
 def test_hf_without_a_path_says_so(tmp_path):
     proc = run_py(tmp_path, "model=hf", check=False)
     assert proc.returncode != 0

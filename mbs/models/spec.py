@@ -181,6 +181,10 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: source=gguf_package needs model.gguf_package and model.gguf_file")
         if self.source == "gguf_package":
             check_model_package(self.gguf_package)
+        if (self.source == "hub" and self.path.startswith(("/", "./", "../", "~"))
+                and not Path(self.path).expanduser().is_dir()):  # a file-system path, not a hub id
+            raise ValueError(f"model.path={self.path!r} is not a directory; give a local model directory or a hub id "
+                             f"(org/name)")
         if self.source == "hub" and Path(self.path).expanduser().is_dir():
             check_local_model(Path(self.path).expanduser())
         if self.source == "tiny":
