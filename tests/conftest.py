@@ -9,7 +9,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if "OMP_NUM_THREADS" not in os.environ:
+    # pytest-xdist workers share the cores: each (and the run.py processes it starts) gets its share, so that
+    # threads do not oversubscribe them; an explicit OMP_NUM_THREADS is kept (the suite must pass with 1 and 2)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, min(2, len(os.sched_getaffinity(0)) // workers)))
+torch.set_num_threads(min(2, int(os.environ["OMP_NUM_THREADS"])))
 
 ARCHS = ("bloom", "llama", "gemma3")
 ROOT = Path(__file__).resolve().parents[1]

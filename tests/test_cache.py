@@ -2,7 +2,6 @@
 partial, built once under a lock by concurrent runs, and the temporaries of killed runs are removed. Each test is a
 row of the issue's table, on small files and tiny models."""
 import logging
-import os
 import subprocess
 import sys
 import textwrap
