@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=0, help="evaluation windows per language (0: all)")
     parser.add_argument("--tiny", action="store_true", help="the tiny Llama test model (seconds)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="directory for the figure and the runs' JSON (default: a temporary one, printed)")
+                        help="directory for the figure and the runs' JSON (default: a temporary one, printed); "
+                             "runs already in <out>/runs are read, not run again")
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -59,6 +60,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     import mbs
+    from mbs.fingerprint import experiment_id
     from mbs.pipeline import run
 
     common = ["logger=none", "progress=false", "sampler=mbs", "analysis.layers=[]",
@@ -68,15 +70,25 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="mbs-lap-"))
     out.mkdir(parents=True, exist_ok=True)
     jobs: dict[tuple[str, float, int], dict] = {}
+    runs = out / "runs"  # one results.json per finished run: a re-run with the same --out skips them
+    runs.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
+        for seed in seeds:  # seed-major: a benchmark cut short holds every method for the seeds it finished
             for sparsity in sparsities:
-                for seed in seeds:
+                for method in methods:
                     cfg = mbs.compose(*common, *METHODS[method], f"compressor.sparsity={sparsity}", f"seed={seed}")
+                    done = runs / f"{method}-{sparsity}-{seed}.json"
+                    if done.is_file():  # used only when its experiment id is this config's (same inputs, machine)
+                        earlier = json.loads(done.read_text())
+                        if earlier.get("experiment_id") == experiment_id(cfg):
+                            jobs[method, sparsity, seed] = earlier
+                            print(f"{method} {sparsity:.0%} seed {seed}: from {done}", flush=True)
+                            continue
                     start = time.perf_counter()
                     with contextlib.redirect_stdout(io.StringIO()):
                         result = run(cfg, Path(tmp) / f"{method}-{sparsity}-{seed}")
                     jobs[method, sparsity, seed] = result
+                    done.write_text(json.dumps(result))
                     c = result["compression"]
                     print(f"{method} {sparsity:.0%} seed {seed}: x{result['summary']['geomean_ratio']:.3f} "
                           f"(low-resource x{result['summary']['low_resource_geomean_ratio']:.3f}), achieved "
