@@ -83,7 +83,8 @@ class EvalConfig:
                       for f in dataclasses.fields(ZeroShotConfig) if getattr(self.zeroshot, f.name) != f.default]
             if unused:
                 raise ValueError(f"{', '.join(unused)} applies only with zero-shot tasks, and eval.tasks is empty; "
-                                 f"set eval.tasks (or zeroshot=udhr) or eval.suites, or leave eval.zeroshot at its defaults")
+                                 f"set eval.tasks (or zeroshot=udhr) or eval.suites, or leave eval.zeroshot at its "
+                                 f"defaults")
 
 
 @dataclass

@@ -14,8 +14,9 @@ cannot take them in compressed form: it builds the compressed module layout on t
 compressor (``PackedQuantizationCompressor.compress``, compressed-tensors 0.20.1), whose meta branch leaves
 ``weight_zero_point`` unpacked, int8 (out, groups), so the load stops on a size mismatch. The checkpoint therefore
 asks transformers to decompress at load time (``"dequantize": true`` in its ``quantization_config``, a
-``CompressedTensorsConfig`` loading attribute that compressed-tensors and vLLM ignore): the plain call then gives the
-dense model in the model dtype, the very weights that were evaluated. Symmetric checkpoints store no zero point and
+``CompressedTensorsConfig`` loading attribute; compressed-tensors' ``QuantizationConfig`` ignores unknown keys and
+vLLM's ``CompressedTensorsConfig.from_config`` reads only the keys it names): the plain call then gives the dense
+model in the model dtype, the very weights that were evaluated. Symmetric checkpoints store no zero point and
 load compressed, decompressed on the first forward.
 
 What stays dense: embeddings and the LM head (never compressed), norms, biases, and pruned weights. compressed-tensors
