@@ -24,6 +24,7 @@ from mbs.data.languages import PAPER_LANGUAGES, check_languages
 from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
                                UniformSampler)
 from mbs.evaluate.perplexity import check_eval_dtype
+from mbs.evaluate.suites import check_suites
 from mbs.evaluate.zeroshot import ZeroShotConfig
 from mbs.models.spec import ModelSpec, name_from_path
 from mbs.record.export import check_format
@@ -55,6 +56,8 @@ class EvalConfig:
     # low-resource; 0.01 = 1%
     low_resource_share: float = LOW_RESOURCE_SHARE
     tasks: list[str] = field(default_factory=list)  # lm-eval task/group names, zero-shot on dense and compressed
+    # multilingual lm-eval suites (mbs/evaluate/suites.py: belebele, xnli, ...), run in the evaluated languages
+    suites: list[str] = field(default_factory=list)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def __post_init__(self) -> None:
@@ -74,12 +77,14 @@ class EvalConfig:
         repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if repeated:
             raise ValueError(f"eval.tasks repeats {', '.join(repeated)}; give each task once")
-        if not self.tasks:  # the harness's settings would be ignored without a task
+        check_suites(self.suites, list(self.languages))
+        if not self.tasks and not self.suites:  # the harness's settings would be ignored without a task
             unused = [f"eval.zeroshot.{f.name}={getattr(self.zeroshot, f.name)}"
                       for f in dataclasses.fields(ZeroShotConfig) if getattr(self.zeroshot, f.name) != f.default]
             if unused:
                 raise ValueError(f"{', '.join(unused)} applies only with zero-shot tasks, and eval.tasks is empty; "
-                                 f"set eval.tasks (or zeroshot=udhr) or leave eval.zeroshot at its defaults")
+                                 f"set eval.tasks (or zeroshot=udhr) or eval.suites, or leave eval.zeroshot at its "
+                                 f"defaults")
 
 
 @dataclass

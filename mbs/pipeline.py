@@ -34,6 +34,7 @@ from mbs.fingerprint import (experiment_id, numeric_environment, source_fingerpr
 from mbs.evaluate import perplexity as perplexity_module
 from mbs.evaluate.baseline import DenseResults
 from mbs.evaluate.perplexity import LanguageLoss, language_bytes
+from mbs.evaluate.suites import missing, resolve_tasks
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
 from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
@@ -141,7 +142,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         if run.save_model:
             check_export(run.save_format, run.compressor, layer_modules(skeleton))
         PIPELINES[run.engine.mode].check(run.compressor, skeleton)  # what this engine.mode cannot do
-        zeroshot = prepare_zeroshot(run.eval.tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
+        tasks = resolve_tasks(list(run.eval.tasks), list(run.eval.suites), list(run.eval.languages))
+        zeroshot = prepare_zeroshot(tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
                                     run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
         data = prepare_data(run, counts, tokenizer or load_tokenizer(spec), analysis_layers)
@@ -250,7 +252,9 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     if zeroshot:
         with timed(timings, "zeroshot_compressed_s"):
             rows = compare(zeroshot_dense, zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos, run.progress))
-        zeroshot_record = {"harness": harness_version(), "tasks": zeroshot.tasks, "limit": run.eval.zeroshot.limit,
+        zeroshot_record = {"harness": harness_version(), "tasks": zeroshot.tasks, "suites": list(run.eval.suites),
+                           "without_variant": {s: missing(s, list(run.eval.languages)) for s in run.eval.suites},
+                           "limit": run.eval.zeroshot.limit,
                            "num_fewshot": run.eval.zeroshot.num_fewshot, "results": rows}
     timings["total_s"] = time.perf_counter() - start + timings["data_s"]
     segments = {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()}

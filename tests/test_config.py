@@ -85,6 +85,11 @@ def test_bad_override_fails_at_composition(override):
     (["eval.zeroshot.limit=1.5", "zeroshot=udhr"], "eval.zeroshot.limit=1.5 is neither a count"),
     (["eval.zeroshot.limit=0.5", "zeroshot=udhr"], None),
     (["eval.zeroshot.limit=5"], "eval.zeroshot.limit=5.0 applies only with zero-shot tasks, and eval.tasks is empty"),
+    (["eval.suites=[xnli,nope]"], "eval.suites: unknown suite(s) 'nope'; allowed: belebele, global-mmlu"),
+    (["zeroshot=xwinograd", "eval.languages=[sw,yo]"],
+     "eval.suites: xwinograd has no variant in any evaluated language (sw, yo)"),
+    (["eval.suites=[xnli,xnli]"], "eval.suites repeats xnli"),
+    (["zeroshot=xcopa", "eval.zeroshot.limit=5"], None),
     (["save_format=dense"], "save_format=dense applies only with save_model=true"),
     (["save_format=dense", "save_model=true"], None),
     # each evaluation setting named with what it allows

@@ -29,26 +29,45 @@ def bf16_model(directory):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("compressor, packed", [
+COMPRESSORS = [
     (mbs.Wanda(n=2, m=4), False),
     (mbs.SparseGPT(sparsity=0.5), False),
-    (mbs.GPTQ(bits=4, groupsize=128, actorder=True, static_groups=True), True),
+    (mbs.GPTQ(), True),  # the default: 4 bits, asymmetric, g128, act-order with static groups
+    (mbs.GPTQ(bits=4, groupsize=128, sym=True), True),
+    (mbs.GPTQ(bits=4, groupsize=-1), True),  # asymmetric, one grid per row: packed zero points per channel
+    (mbs.RTN(bits=4, groupsize=128), True),
     (mbs.RTN(bits=8, groupsize=-1, sym=True), True),  # 8 bits: a bf16 quotient can round half a level off
-], ids=["wanda-2:4", "sparsegpt-50%", "gptq-4b-g128-actorder", "rtn-8b-channel-sym"])
+]
+IDS = ["wanda-2:4", "sparsegpt-50%", "gptq-default", "gptq-4b-g128-sym", "gptq-4b-channel", "rtn-4b-g128",
+       "rtn-8b-channel-sym"]
+
+
+def plain_call(directory):
+    """What a user tries first: no dtype, no quantization_config."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("compressor, packed", COMPRESSORS, ids=IDS)
 def test_reloaded_checkpoint_has_the_same_weights_and_perplexity(bf16_dir, tokenizer, tmp_path, compressor, packed):
     model = bf16_model(bf16_dir)
     mbs.compress_model(model, compressor, calibration(tokenizer, seqlen=48))
     windows = mbs.evaluation_windows(tokenizer, mbs.UDHRCorpus(), LANGUAGES, seqlen=64, prepend_bos=True,
                                      max_windows=3)
-    before = mbs.perplexity(model, windows)
+    before = {k: v.perplexity for k, v in mbs.perplexity(model, windows).items()}
     info = mbs.export(model, tmp_path / "out", compressor, tokenizer)
-    reloaded = load_exported(tmp_path / "out", torch.bfloat16)
-    assert reloaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    ours, theirs = model.state_dict(), reloaded.state_dict()
-    assert set(ours) == set(theirs)
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
-    after = mbs.perplexity(reloaded, windows)
-    assert {k: v.perplexity for k, v in after.items()} == {k: v.perplexity for k, v in before.items()}
+    ours = model.state_dict()
+    for reloaded in (load_exported(tmp_path / "out", torch.bfloat16), plain_call(tmp_path / "out")):
+        assert reloaded.dtype == torch.bfloat16  # the plain call keeps the checkpoint's dtype
+        # the same computation on the same weights in the same process: the very same perplexities (a symmetric
+        # checkpoint loaded by the plain call is decompressed by this first forward)
+        assert {k: v.perplexity for k, v in mbs.perplexity(reloaded, windows).items()} == before
+        theirs = reloaded.state_dict()
+        # a symmetric checkpoint loaded compressed keeps its scales and shapes beside the decompressed weights
+        assert {k.rsplit(".", 1)[-1] for k in set(theirs) - set(ours)} <= {"weight_scale", "weight_shape"}
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), \
+            [k for k in ours if not torch.equal(ours[k], theirs[k])]
 
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
@@ -62,6 +81,9 @@ def test_reloaded_checkpoint_has_the_same_weights_and_perplexity(bf16_dir, token
         assert weights["strategy"] == ("group" if compressor.groupsize > 0 else "channel")
         assert "model.layers.0.mlp.down_proj.weight_packed" in keys and "model.layers.0.mlp.down_proj.weight" not in keys
         assert ("model.layers.0.mlp.down_proj.weight_zero_point" in keys) == (not compressor.sym)
+        # asymmetric: transformers is told to decompress at load time (its compressed load cannot take packed zero
+        # points); symmetric checkpoints load compressed as the library wrote them
+        assert q.get("dequantize", False) == (not compressor.sym)
         assert info["format"] == "compressed-tensors/pack-quantized" and info["quantized_modules"] == 21
         assert info["non_embedding_to_dense"] < (0.6 if compressor.bits == 8 else 0.35)
     else:  # compressed-tensors 0.20 writes no sparse format: a dense checkpoint with the pruned zeros

@@ -63,3 +63,35 @@ def test_save_model_reloads_with_the_same_perplexity(tmp_path):
     for row in results["languages"]:
         assert reloaded[row["language"]].perplexity == pytest.approx(row["compressed_ppl"], rel=1e-9), row
     assert torch.isfinite(proj).all()
+
+
+def test_default_gptq_checkpoint_opens_with_the_plain_call(tmp_path):
+    """compressor=gptq as configured (4 bits, asymmetric, g128, act-order, static groups) with save_model=true: the
+    plain ``from_pretrained(dir)`` loads it (no quantization_config argument), to the weights that mbs.load_exported
+    gives, and every language's perplexity is the run's compressed one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mbs.data.calibration import build_eval_windows
+    from mbs.data.corpora import UDHRCorpus
+    from mbs.evaluate.perplexity import evaluate_languages
+    from mbs.record.export import load_exported
+
+    results = run_mbs(tmp_path, "model=tiny-llama", "+model.tiny_config.hidden_size=128",
+                      "+model.tiny_config.intermediate_size=256",
+                      "compressor=gptq", "save_model=true")
+    c = results["config"]["compressor"]
+    assert (c["bits"], c["sym"], c["groupsize"], c["actorder"], c["static_groups"]) == (4, False, 128, True, True)
+    directory = tmp_path / "run" / "model"
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear  # decompressed at load time
+    reference = load_exported(directory).state_dict()
+    assert set(model.state_dict()) == set(reference)
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    spec = results["config"]["model"]
+    windows = build_eval_windows(AutoTokenizer.from_pretrained(directory), UDHRCorpus(), ["en", "fr", "sw"],
+                                 spec["seqlen"], spec["prepend_bos"])
+    reloaded = evaluate_languages(model, windows, "cpu", 8, 256, progress=False)
+    for row in results["languages"]:
+        # the same fp32 weights and computation in another process: only a different summation order (thread
+        # count) can move the result, by a few fp32 ulps per op (eps 1.2e-7)
+        assert reloaded[row["language"]].perplexity == pytest.approx(row["compressed_ppl"], rel=1e-6), row

@@ -38,6 +38,7 @@ import pandas as pd
 
 from mbs.analyze.similarity_plots import heatmap_title, layer_label, matrix_csv, model_label, plot_heatmap
 from mbs.atomic import atomic_write
+from mbs.record.accuracy_retention import retention_section
 from mbs.record.figures import save_figure
 from mbs.record.frame import frame, result_key
 from mbs.record.jobs import Job, collect_jobs, format_status
@@ -740,8 +741,14 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, seed: int = 0,
     atomic_write(files[2], df[points].to_csv(index=False, float_format="%.10g"))
     table = _statistics_table(within, corrs, within_fits, fits, conditions, m, two_way)
     atomic_write(files[1], table.to_csv(index=False, float_format="%.10g"))
-    atomic_write(files[0], _markdown(sweep_dir, status, models, sentence, within, corrs, within_fits, fits,
-                                     conditions, heatmap_notes, n_resamples, seed, m, files[3:], two_way))
+    markdown = _markdown(sweep_dir, status, models, sentence, within, corrs, within_fits, fits, conditions,
+                         heatmap_notes, n_resamples, seed, m, files[3:], two_way)
+    accuracy = retention_section(jobs)  # only when some language has zero-shot accuracy and perplexity
+    if accuracy:
+        markdown += accuracy[0]
+        files.append(out / "accuracy_retention.csv")
+        atomic_write(files[-1], accuracy[1].to_csv(index=False, float_format="%.10g"))
+    atomic_write(files[0], markdown)
     return Analysis(status, df, corrs, fits, sentence, files, within, within_fits, conditions, m.name, two_way)
 
 

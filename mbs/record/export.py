@@ -8,6 +8,17 @@ its signed q−2^(b−1) with zero point z−2^(b−1); a symmetric grid has z =
 scales are fitted in the model dtype (mbs/compress/grid.py). Every module is decompressed again before writing
 and must give back the in-memory weight bit for bit, so the reloaded model computes what was evaluated.
 
+An asymmetric grid's zero points are written as the library's compressor writes them and vLLM's WNA16 scheme reads
+them: packed along the output rows into int32, shape (out·bits/32, groups). transformers' plain ``from_pretrained``
+cannot take them in compressed form: it builds the compressed module layout on the meta device through the same
+compressor (``PackedQuantizationCompressor.compress``, compressed-tensors 0.20.1), whose meta branch leaves
+``weight_zero_point`` unpacked, int8 (out, groups), so the load stops on a size mismatch. The checkpoint therefore
+asks transformers to decompress at load time (``"dequantize": true`` in its ``quantization_config``, a
+``CompressedTensorsConfig`` loading attribute; compressed-tensors' ``QuantizationConfig`` ignores unknown keys and
+vLLM's ``CompressedTensorsConfig.from_config`` reads only the keys it names): the plain call then gives the dense
+model in the model dtype, the very weights that were evaluated. Symmetric checkpoints store no zero point and
+load compressed, decompressed on the first forward.
+
 What stays dense: embeddings and the LM head (never compressed), norms, biases, and pruned weights. compressed-tensors
 0.20 no longer writes or reloads any sparse format (its model compressor writes ``sparsity_config: {}``; the bitmask
 formats are legacy), so a pruned-only model is written as a dense checkpoint whose pruned weights are zeros.
@@ -16,6 +27,7 @@ formats are legacy), so a pruned-only model is written as a dense checkpoint who
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -65,10 +77,6 @@ def check_export(save_format: str, compressor: Any, modules: dict[str, nn.Module
         if type(module) is not nn.Linear:
             raise ValueError(f"{name}: compressed-tensors packs nn.Linear weights, not {type(module).__name__}; "
                              f"set save_format=dense")
-    if not compressor.sym:
-        log.warning("compressor.sym=false: reload this checkpoint with transformers passing quantization_config="
-                    "CompressedTensorsConfig(dequantize=True) (mbs.record.export.load_exported does); a plain "
-                    "from_pretrained fails on the packed zero points (transformers 5.24 / compressed-tensors 0.20)")
     if compressor.bits not in SERVED_BITS:
         log.warning("compressor.bits=%d: the compressed-tensors checkpoint reloads with transformers, but vLLM's "
                     "kernels serve only %s-bit weights", compressor.bits, "/".join(map(str, SERVED_BITS)))
@@ -223,6 +231,8 @@ def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, s
         from compressed_tensors.compressors import ModelCompressor
 
         ModelCompressor(quantization_config=quantization_config).update_config(str(directory))
+        if not compressor.sym:
+            _dequantize_on_load(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     embeddings = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
@@ -245,15 +255,25 @@ def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, s
     }
 
 
+def _dequantize_on_load(directory: Path) -> None:
+    """Mark the checkpoint's quantization_config to be decompressed when transformers loads it, so the plain
+    ``from_pretrained(directory)`` opens an asymmetric checkpoint (see the module docstring for why it cannot load it
+    compressed); a ``quantization_config`` passed to ``from_pretrained`` still overrides it."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["dequantize"] = True
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def load_exported(directory: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module:
     """Reload an exported checkpoint with transformers, quantized weights decompressed at load time (what works for
-    symmetric and asymmetric grids alike; vLLM reads the same directory as it is)."""
-    import json
-
+    symmetric and asymmetric grids alike, and for checkpoints written before the plain call could open them; vLLM
+    reads the same directory as it is)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
-    if "quantization_config" in json.loads((Path(directory) / "config.json").read_text()):
+    quantization = json.loads((Path(directory) / "config.json").read_text()).get("quantization_config")
+    if quantization is not None and not quantization.get("dequantize", False):
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)

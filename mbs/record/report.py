@@ -20,6 +20,7 @@ from mbs.record.results import LOW_RESOURCE_SHARE, format_share
 from mbs.analyze.retention import plot_share, retention_frame_of
 from mbs.record.frame import ci95, conditions, frame
 from mbs.record.jobs import Job, collect_jobs, format_status
+from mbs.record.accuracy_retention import retention_section
 from mbs.record.zeroshot_table import zeroshot_section
 
 METRICS = ("dense_ppl", "compressed_ppl", "ratio", "log_ratio", "retention")
@@ -355,7 +356,9 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
           "log ratio over languages.\n\n"
           + markdown(agg, summ, low_resource_share) + "\n" + FIGURES)
     zeroshot = zeroshot_section(jobs, conditions(jobs))  # its own section, only when jobs ran eval.tasks
-    md += (zeroshot[0] + "\n" if zeroshot else "") + runs_section(jobs, sweep_dir)
+    accuracy = retention_section(jobs)  # only when some language has zero-shot accuracy and perplexity
+    md += (zeroshot[0] + "\n" if zeroshot else "") + (accuracy[0] + "\n" if accuracy else "") \
+        + runs_section(jobs, sweep_dir)
     files = [out / "report.md", out / "report.csv", out / "report_long.csv", out / "summary.csv",
              out / "degradation.png", out / "retention.png"]
     atomic_write(files[0], md)
@@ -367,4 +370,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None,
     if zeroshot:
         files.append(out / "zeroshot.csv")
         atomic_write(files[-1], zeroshot[1].to_csv(index=False, float_format="%.10g"))
+    if accuracy:
+        files.append(out / "accuracy_retention.csv")
+        atomic_write(files[-1], accuracy[1].to_csv(index=False, float_format="%.10g"))
     return Report(status, complete, jobs, df, agg, files)
