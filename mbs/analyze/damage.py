@@ -118,7 +118,13 @@ class DamagePredictor:
         if statistics.pool != segments:
             raise ValueError(f"the statistics pool ({statistics.pool}) must be the prediction's segments ({segments})")
         self.model, self.compressor, self.statistics, self.segments = model, compressor, statistics, segments
-        self.targets = {language: language_sums(statistics, language, segments) for language in targets}
+        self.targets: dict[str, dict[str, torch.Tensor]] = {}
+        self.skipped: dict[str, str] = {}  # target -> why it has no statistics (e.g. too little calibration text)
+        for language in targets:
+            try:
+                self.targets[language] = language_sums(statistics, language, segments)
+            except ValueError as err:
+                self.skipped[language] = str(err)
 
     def per_layer(self, counts: Mapping[str, int]) -> dict[str, list[float]]:
         """{target: [each layer's relative output error]} of the compression calibrated on ``counts`` segments."""
@@ -143,22 +149,3 @@ def spearman_or_none(predicted: Mapping[str, float], measured: Mapping[str, floa
         return None
     rho = spearman(x, y)
     return None if math.isnan(rho) else rho
-
-
-def risk_table(predicted: Mapping[str, float], measured: Mapping[str, float] | None = None,
-               rho: float | None = None) -> str:
-    """The console table: languages by predicted damage, highest first; the measured log ratio beside it after the
-    evaluation, with Spearman's ρ across languages."""
-    lines = ["predicted damage (relative output error, %s)" % ("vs measured log ratio" if measured else
-                                                            "before compressing"),
-             "| language | predicted damage |" + (" measured log ratio |" if measured else ""),
-             "|---|---:|" + ("---:|" if measured else "")]
-    for language, value in sorted(predicted.items(), key=lambda kv: -kv[1]):
-        row = f"| {language} | {value:.4g} |"
-        if measured:
-            row += f" {measured[language]:.3f} |" if language in measured else " – |"
-        lines.append(row)
-    if measured:
-        lines.append(f"Spearman ρ (predicted, measured) across {len(predicted)} languages: "
-                     + ("–" if rho is None else f"{rho:.3f}"))
-    return "\n".join(lines)
