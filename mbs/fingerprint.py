@@ -130,6 +130,9 @@ def local_inputs(cfg: DictConfig) -> dict[str, Any]:
         node = OmegaConf.select(cfg, where)
         if node is not None:
             found[where] = corpus_files(node)
+    mixture = OmegaConf.select(cfg, "sampler.path")  # sampler=optimized: the counts are the file's
+    if isinstance(mixture, str) and Path(mixture).expanduser().is_file():
+        found["sampler.path"] = file_digest(Path(mixture).expanduser())
     model = cfg.get("model") or {}
     if isinstance(model.get("distribution_tsv"), str) and model["distribution_tsv"]:
         found["model.distribution_tsv"] = {str(p): file_digest(p) for p in _files(model["distribution_tsv"])}
