@@ -145,6 +145,11 @@ def prepare(cfg: DictConfig) -> Prepared:
             check_export(run.save_format, run.compressor, layer_modules(skeleton))
         PIPELINES[run.engine.mode].check(run.compressor, skeleton)  # what this engine.mode cannot do
         risk_skipped = damage.unsupported(run.compressor, skeleton) if run.risk.predict else None
+        if run.risk.predict and not risk_skipped and run.engine.device != run.engine.offload_device:
+            risk_skipped = (f"engine.device={run.engine.device} with engine.offload_device={run.engine.offload_device}"
+                            f": the prediction's statistics forward holds the whole dense model on engine.device (as "
+                            f"engine.mode=cached does); set engine.offload_device={run.engine.device} when the model "
+                            f"fits there, or risk.predict=false")
         if risk_skipped:
             log.warning("predicted damage SKIPPED: %s", risk_skipped)
         zeroshot = prepare_zeroshot(run.eval.tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
