@@ -59,7 +59,8 @@ def main() -> None:
     from mbs.analyze.damage import spearman_or_none
     from mbs.pipeline import run
 
-    common = ["logger=none", "progress=false", "compressor=wanda", "compressor.sparsity=0.5", "analysis.layers=[]",
+    common = ["logger=none", "progress=false", "risk.predict=true", "compressor=wanda", "compressor.sparsity=0.5",
+              "analysis.layers=[]",
               f"seed={args.seed}"]
     if args.tiny:
         common += ["model=tiny-llama", "sampler.segments=16", "eval.languages=[en,zh-Hans,hi,sw,yo]"]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # run.py in subprocesses (deselect: -m "not slow"
 @pytest.mark.parametrize("arch, compressor", [("gemma3", "wanda"), ("bloom", "magnitude"), ("llama", "dense")])
 def test_run_end_to_end(tmp_path, arch, compressor):
     proc = run_py(tmp_path, f"model=tiny-{arch}", f"compressor={compressor}", "logger=none", "sampler.segments=40",
-                  "eval.languages=[en,sw,zh-Hans,yo]")
+                  "eval.languages=[en,sw,zh-Hans,yo]", "risk.predict=true")
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["language"] for r in results["languages"]] == ["en", "sw", "zh-Hans", "yo"]
     assert sum(results["calibration"]["segments"].values()) == 40
@@ -68,7 +68,7 @@ def test_run_end_to_end(tmp_path, arch, compressor):
 
 def test_wandb_offline_run_holds_the_language_table(tmp_path):
     run_py(tmp_path, "model=tiny-llama", "logger=wandb", "logger.mode=offline", "sampler.segments=20",
-           "eval.languages=[en,sw]", "analysis.statistic=mean_square")
+           "eval.languages=[en,sw]", "analysis.statistic=mean_square", "risk.predict=true")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = list(runs[0].glob("*.wandb"))

@@ -40,7 +40,8 @@ METHOD = ("relative output error ||dW diag(||x||)||^2 / ||W diag(||x||)||^2 with
 class RiskConfig:
     """``risk`` in the run config: the predicted damage of each evaluated language before compressing."""
 
-    predict: bool = True  # false: no prediction (no statistics forward, no risk record)
+    # off by default: on the embedded default its first run costs about as much as the compression (README)
+    predict: bool = False
     segments: int = 8  # calibration segments per language: each target's statistics, and the mixture's per language
 
     def __post_init__(self) -> None:
