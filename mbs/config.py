@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from mbs.analyze.damage import RiskConfig
 from mbs.analyze.similarity import AnalysisConfig
 from mbs.compress.engine import EngineConfig
 from mbs.compress.registry import COMPRESSORS
@@ -21,8 +22,8 @@ from mbs.data.corpora import UDHRCorpus
 from mbs.data.hub import HubCorpus
 from mbs.data.local import LocalCorpus
 from mbs.data.languages import PAPER_LANGUAGES, check_languages
-from mbs.data.sampling import (CountsSampler, MonolingualSampler, ProportionalSampler, TemperatureSampler,
-                               UniformSampler)
+from mbs.data.sampling import (CountsSampler, MonolingualSampler, OptimizedSampler, ProportionalSampler,
+                               TemperatureSampler, UniformSampler)
 from mbs.evaluate.perplexity import check_eval_dtype
 from mbs.evaluate.suites import check_suites
 from mbs.evaluate.zeroshot import ZeroShotConfig
@@ -97,6 +98,7 @@ class RunConfig:
     logger: Any = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    risk: RiskConfig = field(default_factory=RiskConfig)
     seed: int = 0
     progress: bool = True
     force: bool = False  # re-run jobs whose results already exist (multirun, mbs/sweep.py) and recompute cached dense
@@ -116,7 +118,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "data": {"udhr_schema": UDHRCorpus, "hub_schema": HubCorpus, "local_schema": LocalCorpus},
     "sampler": {"proportional_schema": ProportionalSampler, "uniform_schema": UniformSampler,
                 "temperature_schema": TemperatureSampler,
-                "counts_schema": CountsSampler, "monolingual_schema": MonolingualSampler},
+                "counts_schema": CountsSampler, "monolingual_schema": MonolingualSampler,
+                "optimized_schema": OptimizedSampler},
     # every @register_compressor class (mbs/compress/registry.py), as <name>_schema
     "compressor": {f"{name}_schema": schema for name, schema in COMPRESSORS.items()},
     "eval": {"eval_schema": EvalConfig},
@@ -165,6 +168,7 @@ class Run:
     dry_run: bool = False
     calibration_max_repeats: float = REPEAT_LIMIT
     push_to_hub: Optional[str] = None
+    risk: RiskConfig = field(default_factory=RiskConfig)
 
     def __post_init__(self) -> None:
         check_format(self.save_format)
@@ -270,7 +274,8 @@ def build(cfg: DictConfig) -> Run:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed!r} is out of range; allowed: an integer in 0..{MAX_SEED} (numpy's seed range)")
     parts = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
-             for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis")}
+             for key in ("model", "data", "sampler", "compressor", "eval", "logger", "engine", "analysis", "risk")
+             if key != "risk" or "risk" in cfg}  # configs composed before risk existed build without it
     return Run(**parts, seed=int(cfg.seed), progress=bool(cfg.progress), save_model=bool(cfg.save_model),
                save_format=str(cfg.get("save_format", "compressed-tensors")), force=bool(cfg.get("force", False)),
                calibration_seqlen=cfg.get("calibration_seqlen"), dry_run=bool(cfg.get("dry_run", False)),

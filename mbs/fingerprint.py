@@ -24,10 +24,10 @@ from mbs.data.corpora import SPLITS
 
 ID_VERSION = 2  # bump when results of the same config stop being comparable (a metric's definition changes)
 # Keys that do not change results: logging, progress bars, resume control, where files wait or are cached, a
-# reporting threshold that the report recomputes from the rows anyway, a gate that refuses runs, and where the
-# checkpoint is pushed.
+# reporting threshold that the report recomputes from the rows anyway, a gate that refuses runs, where the
+# checkpoint is pushed, and the predicted-damage report (it adds a prediction, it changes no measured number).
 NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "dry_run", "push_to_hub", "model.cache_dir",
-                   "engine.offload_device", "eval.low_resource_share", "calibration_max_repeats")
+                   "engine.offload_device", "eval.low_resource_share", "calibration_max_repeats", "risk")
 
 
 def _with_types(node: Any) -> Any:
@@ -130,6 +130,9 @@ def local_inputs(cfg: DictConfig) -> dict[str, Any]:
         node = OmegaConf.select(cfg, where)
         if node is not None:
             found[where] = corpus_files(node)
+    mixture = OmegaConf.select(cfg, "sampler.path")  # sampler=optimized: the counts are the file's
+    if isinstance(mixture, str) and Path(mixture).expanduser().is_file():
+        found["sampler.path"] = file_digest(Path(mixture).expanduser())
     model = cfg.get("model") or {}
     if isinstance(model.get("distribution_tsv"), str) and model["distribution_tsv"]:
         found["model.distribution_tsv"] = {str(p): file_digest(p) for p in _files(model["distribution_tsv"])}

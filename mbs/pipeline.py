@@ -15,11 +15,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mbs.analyze import similarity
+from mbs.analyze import damage, similarity
 from mbs.analyze.similarity_plots import model_label, write_similarity
 from mbs.api import calibration_mixture, evaluation_windows, export, perplexity, window_bytes
 from mbs.compress import engine as engine_module
 from mbs.compress import statistics as statistics_module
+from mbs.compress.cached import LanguageStatistics
 from mbs.compress.engine import (CompressionReport, PipelineContext, check_device_available, check_modules,
                                  layer_modules)
 from mbs.compress.registry import PIPELINES
@@ -43,7 +44,8 @@ from mbs.models.loading import (check_positions, load_model, load_tokenizer, mod
 from mbs.record.card import model_card, push, write_card
 from mbs.record.export import check_export, quantizes
 from mbs.record.identity import identity, provenance
-from mbs.record.results import SCHEMA_VERSION, RunResult, format_table, language_rows, summary, write_results
+from mbs.record.results import (SCHEMA_VERSION, RunResult, format_table, language_rows, risk_markdown, summary,
+                                write_results)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class Prepared:
     calibration_text: CalibrationText | None = None  # segment length and text per language vs what is drawn
     parameters: int = 0  # of the model, counted on its weightless skeleton
     hidden_size: int | None = None  # width of the activations the engine keeps between layers
+    risk_skipped: str | None = None  # why risk.predict=true cannot predict this compression's damage
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -142,6 +145,14 @@ def prepare(cfg: DictConfig) -> Prepared:
         if run.save_model:
             check_export(run.save_format, run.compressor, layer_modules(skeleton))
         PIPELINES[run.engine.mode].check(run.compressor, skeleton)  # what this engine.mode cannot do
+        risk_skipped = damage.unsupported(run.compressor, skeleton) if run.risk.predict else None
+        if run.risk.predict and not risk_skipped and run.engine.device != run.engine.offload_device:
+            risk_skipped = (f"engine.device={run.engine.device} with engine.offload_device={run.engine.offload_device}"
+                            f": the prediction's statistics forward holds the whole dense model on engine.device (as "
+                            f"engine.mode=cached does); set engine.offload_device={run.engine.device} when the model "
+                            f"fits there, or risk.predict=false")
+        if risk_skipped:
+            log.warning("predicted damage SKIPPED: %s", risk_skipped)
         tasks = resolve_tasks(list(run.eval.tasks), list(run.eval.suites), list(run.eval.languages))
         zeroshot = prepare_zeroshot(tasks, run.eval.zeroshot, model_cache(spec).root, run.eval.languages,
                                     run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
@@ -152,7 +163,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(run, counts, data.tokenizer, data.calibration, data.windows, data.probe, analysis_layers,
                     {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, data.source, data.window_bytes,
                     similarity_skipped, data.text, sum(p.numel() for p in skeleton.parameters()),
-                    getattr(getattr(skeleton, "config", None), "hidden_size", None))
+                    getattr(getattr(skeleton, "config", None), "hidden_size", None), risk_skipped)
 
 
 @dataclass
@@ -235,6 +246,12 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
             language_similarity = similarity.similarity_record(
                 vectors, list(run.analysis.layers), prepared.counts, prepared.probe, run.analysis, run.data.name,
                 list(run.eval.languages))
+    risk = None
+    if run.risk.predict and prepared.risk_skipped is None:  # on the dense model, before compression
+        with timed(timings, "risk_s"):
+            risk = predict_risk(model, prepared, dense_results.weights)
+        model.to(run.engine.offload_device)
+        print(risk_markdown(risk), flush=True)
     with timed(timings, "compress_s"):
         context = PipelineContext(progress=run.progress, source=prepared.source, weights=dense_results.weights,
                                   store=model_cache(spec), force=run.force)
@@ -261,11 +278,33 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     rows = language_rows(dense, compressed, absolute_shares(spec.distribution), run.eval.low_resource_share, segments)
     result = run_result(cfg, prepared, model, rows, report, language_similarity, baseline, timings)
     result.zeroshot = zeroshot_record
+    if risk is not None:
+        risk["measured_log_ratio"] = {r["language"]: r["log_ratio"] for r in rows if r["language"] in risk["predicted"]}
+        risk["spearman"] = damage.spearman_or_none(risk["predicted"], risk["measured_log_ratio"])
+    result.risk = risk
+    result.risk_skipped = prepared.risk_skipped
     if card is not None:
         result.export = exported
         card.write(rows)
     result.provenance = provenance(spec.revision, started)
     return result
+
+
+def predict_risk(model: nn.Module, prepared: Prepared, weights: str) -> dict[str, Any]:
+    """The predicted damage of every evaluated language under the run's calibration counts, from the dense model's
+    statistics of ``risk.segments`` calibration segments per language (kept in the model's cache with
+    ``engine.mode=cached``'s; a language without calibration text in the corpus is listed, not predicted)."""
+    run = prepared.run
+    statistics = LanguageStatistics(model, prepared.source, weights, model_cache(run.model), run.engine.device,
+                                    force=run.force, pool=run.risk.segments)
+    available = set(run.data.languages())
+    targets = [k for k in run.eval.languages if k in available]
+    predictor = damage.DamagePredictor(model, run.compressor, statistics, targets, run.risk.segments)
+    per_layer = predictor.per_layer(prepared.counts)
+    return {"method": damage.METHOD, "segments_per_language": run.risk.segments, "split": "calibration",
+            "predicted": damage.aggregate(per_layer), "per_layer": per_layer,
+            "not_predicted": {**{k: f"no calibration text in {run.data.name}" for k in run.eval.languages
+                                 if k not in available}, **predictor.skipped}}
 
 
 def calibration_record(prepared: Prepared) -> dict[str, Any]:
@@ -390,6 +429,10 @@ def plan_text(prepared: Prepared) -> str:
     if prepared.probe is not None:
         lines.append(f"similarity probe: {prepared.probe.total} segments of {text.seqlen} tokens "
                      f"({run.analysis.statistic}, layers {list(run.analysis.layers)})")
+    if run.risk.predict:
+        lines.append(f"predicted damage: SKIPPED ({prepared.risk_skipped})" if prepared.risk_skipped else
+                     f"predicted damage: {run.risk.segments} calibration segments per evaluated and calibration "
+                     f"language through the dense model (cached in the model's cache), before compressing")
     lines.append("time: not estimated (it depends on the machine; the README gives measured runs)")
     return "\n".join(lines)
 

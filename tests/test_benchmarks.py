@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
     ("similarity_separability.py", ["--windows", "2"], ["per statistic", "log_mean_square_centred"]),
     ("language_aware_pruning.py", ["--methods", "wanda,wanda+owl", "--sparsities", "0.7", "--seeds", "0"],
      ["| wanda+owl | 70% |", "wanda+owl vs wanda at 70%, low-resource", "figure and runs"]),
+    ("damage_prediction.py", ["--mixtures", "english,sw only"], ["| english | 5 |", "| sw only | 5 |", "risk records"]),
 ])
 def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], cwd=ROOT,

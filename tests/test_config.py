@@ -23,6 +23,9 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if group == "sampler" and option == "counts":
         overrides.append("++sampler.per_language={en: 4, sw: 4}")
+    if group == "sampler" and option == "optimized":  # the file python -m mbs.mixture writes
+        (tmp_path / "mixture.yaml").write_text("per_language: {en: 4, sw: 4}\n")
+        overrides.append(f"sampler.path={tmp_path / 'mixture.yaml'}")
     if group == "data" and option == "local":
         for code in ("en", "sw"):
             (tmp_path / f"{code}.txt").write_text("some text\n" * 20)

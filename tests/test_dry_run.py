@@ -25,6 +25,22 @@ def test_a_dry_run_prints_the_plan_and_loads_no_weights(tmp_path, monkeypatch, c
     tokens = sum(w.numel() for ws in prepared.windows.values() for w in ws)
     assert "evaluation: 3 languages, " in printed and f"{tokens:,} tokens, dense and compressed" in printed
     assert "time: not estimated" in printed
+    assert "predicted damage" not in printed  # risk.predict is off by default
+
+
+def test_a_dry_run_says_what_the_prediction_forwards(tmp_path, capsys):
+    pipeline.run(compose_run("model=tiny-llama", "logger=none", "dry_run=true", "risk.predict=true",
+                             "eval.languages=[en,sw,yo]"), tmp_path / "run")
+    assert "predicted damage: 8 calibration segments per evaluated and calibration language" in capsys.readouterr().out
+
+
+def test_a_dry_run_says_when_the_damage_cannot_be_predicted(tmp_path, capsys):
+    pipeline.run(compose_run("model=tiny-llama", "logger=none", "dry_run=true", "compressor=sparsegpt",
+                             "risk.predict=true", "eval.languages=[en,sw,yo]"), tmp_path / "run")
+    assert "predicted damage: SKIPPED (compressor sparsegpt compresses from Hessian statistics" in capsys.readouterr().out
+    pipeline.run(compose_run("model=tiny-llama", "logger=none", "dry_run=true", "risk.predict=false",
+                             "eval.languages=[en,sw,yo]"), tmp_path / "run")
+    assert "predicted damage" not in capsys.readouterr().out
 
 
 def test_a_dry_run_sweep_ends_without_failing(capsys):

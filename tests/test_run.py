@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # run.py in subprocesses (deselect: -m "not slow"
 @pytest.mark.parametrize("arch, compressor", [("gemma3", "wanda"), ("bloom", "magnitude"), ("llama", "dense")])
 def test_run_end_to_end(tmp_path, arch, compressor):
     proc = run_py(tmp_path, f"model=tiny-{arch}", f"compressor={compressor}", "logger=none", "sampler.segments=40",
-                  "eval.languages=[en,sw,zh-Hans,yo]")
+                  "eval.languages=[en,sw,zh-Hans,yo]", "risk.predict=true")
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["language"] for r in results["languages"]] == ["en", "sw", "zh-Hans", "yo"]
     assert sum(results["calibration"]["segments"].values()) == 40
@@ -51,11 +51,24 @@ def test_run_end_to_end(tmp_path, arch, compressor):
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# ") and f"experiment {results['experiment_id']}" in md and "| en |" in md
     assert "| en |" in proc.stdout and "| dense bpb |" in proc.stdout  # the table is printed at the end
+    if compressor == "dense":  # nothing to predict: said, not recorded as zeros
+        assert "risk" not in results and "changes no weight" in results["risk_skipped"]
+    else:  # predicted before compressing, the measured beside it after (mbs/analyze/damage.py)
+        risk = results["risk"]
+        languages = {"en", "sw", "zh-Hans", "yo"}
+        assert set(risk["predicted"]) == set(risk["measured_log_ratio"]) == set(risk["per_layer"]) == languages
+        assert all(value > 0 for value in risk["predicted"].values())
+        assert {len(v) for v in risk["per_layer"].values()} == {len(results["compression"]["layers"])}
+        assert risk["measured_log_ratio"] == {r["language"]: r["log_ratio"] for r in results["languages"]}
+        assert risk["spearman"] is None or -1 <= risk["spearman"] <= 1
+        before = proc.stdout.index("of each evaluated language, before compressing")
+        assert before < proc.stdout.index("| dense bpb |") < proc.stdout.index("vs measured log ratio; Spearman")
+        assert results["timings"]["risk_s"] > 0
 
 
 def test_wandb_offline_run_holds_the_language_table(tmp_path):
     run_py(tmp_path, "model=tiny-llama", "logger=wandb", "logger.mode=offline", "sampler.segments=20",
-           "eval.languages=[en,sw]", "analysis.statistic=mean_square")
+           "eval.languages=[en,sw]", "analysis.statistic=mean_square", "risk.predict=true")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = list(runs[0].glob("*.wandb"))
@@ -63,6 +76,7 @@ def test_wandb_offline_run_holds_the_language_table(tmp_path):
     blob = files[0].read_bytes()
     assert b"languages" in blob and b"ratio/sw" in blob
     assert b"similarity/layer0/heatmap" in blob and b"similarity/layer2/to_calibration" in blob
+    assert b"predicted_damage/sw" in blob and b"risk/spearman" not in blob  # two languages: no correlation to give
 
 
 def test_bad_input_is_one_line_and_leaves_results_alone(tmp_path):

@@ -109,6 +109,14 @@ class LanguageStatistics:
     loaded: int = 0  # blocks found in the store
     _leaders: dict[str, dict[str, str]] = field(default_factory=dict)
     _keys: dict[str, str] = field(default_factory=dict)  # language -> digest of what its sample depends on
+    _memo: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)  # blocks read or computed
+
+    def _block(self, language: str, block: int) -> dict[str, torch.Tensor]:
+        """A block, read or computed once per object (mixtures built again and again, by the mixture optimiser,
+        neither re-read the store nor forward again)."""
+        if (language, block) not in self._memo:
+            self._memo[language, block] = self._load_block(language, block)
+        return self._memo[language, block]
 
     def _name(self, language: str, block: int) -> str:
         if language not in self._keys:  # the sample's key reads the corpus files' digests: once per language
@@ -118,7 +126,7 @@ class LanguageStatistics:
             self._keys[language] = hashlib.sha256(key.encode()).hexdigest()[:24]
         return f"statistics/{self._keys[language]}/{language}-{block}"
 
-    def _block(self, language: str, block: int) -> dict[str, torch.Tensor]:
+    def _load_block(self, language: str, block: int) -> dict[str, torch.Tensor]:
         def compute() -> tuple[dict[str, torch.Tensor], dict]:
             segments = self.source.segments(language, (block + 1) * BLOCK)[block * BLOCK:]
             self.computed += 1
@@ -140,6 +148,11 @@ class LanguageStatistics:
         self.loaded += self.computed == before
         self._leaders = self._leaders or json.loads((path / "leaders.json").read_text())
         return load_file(str(path / "statistics.safetensors"))
+
+    @property
+    def leaders(self) -> dict[str, dict[str, str]]:
+        """{layer: {module: its group leader}}, known once any block was read or computed."""
+        return self._leaders
 
     def segments(self, language: str, count: int) -> dict[str, torch.Tensor]:
         """{"<layer>.<group leader>": [count, width]} of the language's first ``count`` segments."""
@@ -170,6 +183,30 @@ def check_sample(calibration: CalibrationSet, source: SegmentSource) -> None:
                                f"cannot use engine.mode=cached")
 
 
+def plan_from_sums(adapter: Adapter, compressor: Compressor, mixed: dict[str, torch.Tensor],
+                   leaders: dict[str, dict[str, str]], full: dict[int, str]) -> dict:
+    """A layer sparsity profile planned from the mixture's dense Σx² (``compressor.plan``), no forward."""
+    figures, modules = [], []
+    for i, layer in enumerate(adapter.layers):
+        linears = adapter.linears(layer)
+        norms = {name: mixed[f"{i}.{group}"].sqrt() for name, group in leaders[str(i)].items()}
+        figures.append(layer_profile_figure(compressor, linears, norms))
+        modules.append({f"{full[id(layer)]}.{name}": m.weight.numel() for name, m in linears.items()})
+    return compressor.plan(figures, modules)
+
+
+def compress_layer_from_sums(adapter: Adapter, index: int, layer_name: str, linears: dict, compressor: Compressor,
+                             mixed: dict[str, torch.Tensor], leaders: dict[str, dict[str, str]], tokens: int):
+    """Compress layer ``index`` in place from the mixture's Σx² (``leaders``: {} for a compressor that needs no
+    statistics); the :class:`mbs.compress.step.LayerStep`."""
+    leader = leaders[str(index)] if leaders else {}
+    totals: dict[str, Statistic] = {}
+    for group in dict.fromkeys(leader.values()):  # the mixture's sum handed to the compressor's own statistic
+        totals[group] = compressor.new_statistic(linears[group])
+        totals[group].merge(ColumnSquares.from_sum(mixed[f"{index}.{group}"], tokens))
+    return compress_layer(adapter, layer_name, linears, compressor, totals, leader)
+
+
 @torch.no_grad()
 def compress_cached(model: nn.Module, compressor: Compressor, calibration: CalibrationSet,
                     statistics: LanguageStatistics, offload_device: str = "cpu",
@@ -187,13 +224,7 @@ def compress_cached(model: nn.Module, compressor: Compressor, calibration: Calib
     tokens = sum(counts.values()) * statistics.source.seqlen
     full = module_names(model)
     if compressor.needs_profile:  # the statistics are the dense model's already: no pre-pass
-        figures, modules = [], []
-        for i, layer in enumerate(adapter.layers):
-            linears = adapter.linears(layer)
-            norms = {name: mixed[f"{i}.{group}"].sqrt() for name, group in leaders[str(i)].items()}
-            figures.append(layer_profile_figure(compressor, linears, norms))
-            modules.append({f"{full[id(layer)]}.{name}": m.weight.numel() for name, m in linears.items()})
-        report.profile = compressor.plan(figures, modules)
+        report.profile = plan_from_sums(adapter, compressor, mixed, leaders, full)
     if not compressor.needs_statistics:
         leaders = {}
     layers: Iterable = enumerate(adapter.layers)
@@ -205,12 +236,7 @@ def compress_cached(model: nn.Module, compressor: Compressor, calibration: Calib
     for i, layer in layers:
         t0 = time.perf_counter()
         linears = adapter.linears(layer)
-        leader = leaders[str(i)] if leaders else {}
-        totals: dict[str, Statistic] = {}
-        for group in dict.fromkeys(leader.values()):  # the mixture's sum handed to the compressor's own statistic
-            totals[group] = compressor.new_statistic(linears[group])
-            totals[group].merge(ColumnSquares.from_sum(mixed[f"{i}.{group}"], tokens))
-        step = compress_layer(adapter, full[id(layer)], linears, compressor, totals, leader)
+        step = compress_layer_from_sums(adapter, i, full[id(layer)], linears, compressor, mixed, leaders, tokens)
         report.uncalibrated += step.uncalibrated
         layer.to(offload_device)
         report.layers.append(layer_record(i, time.perf_counter() - t0, step.modules, step.shared_inputs))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mbs.data.languages import check_languages, get_language
 
@@ -150,6 +151,41 @@ class CountsSampler(Sampler):
                 f"set sampler.segments={sum(counts.values())} (or 0)"
             )
         return counts
+
+
+MIXTURE_FILE = "optimized_mixture.yaml"  # where ``python -m mbs.mixture`` writes and ``sampler=optimized`` reads
+
+
+@dataclass
+class OptimizedSampler(Sampler):
+    """``optimized``: the per-language counts ``python -m mbs.mixture`` wrote to ``path`` (its ``per_language``);
+    ``segments`` must equal their sum (0: their sum). The file's bytes are part of the experiment id."""
+
+    segments: int = 0
+    path: str = MIXTURE_FILE
+
+    def weights(self, distribution: Mapping[str, float]) -> dict[str, float]:
+        return {k: float(v) for k, v in self.read().items()}
+
+    def read(self) -> dict[str, int]:
+        import yaml
+
+        file = Path(self.path).expanduser()
+        if not file.is_file():
+            raise ValueError(f"sampler.path={self.path}: no such file; write one with python -m mbs.mixture "
+                             f"(--out {self.path}) or point sampler.path at the file it wrote")
+        try:
+            per_language = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("per_language")
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as err:
+            raise ValueError(f"sampler.path={self.path} is not a mixture file python -m mbs.mixture wrote "
+                             f"({type(err).__name__})") from None
+        if not isinstance(per_language, dict):
+            raise ValueError(f"sampler.path={self.path} has no per_language mapping; it is not a mixture file "
+                             f"python -m mbs.mixture wrote")
+        return {str(k): v for k, v in per_language.items()}
+
+    def counts(self, distribution: Mapping[str, float]) -> dict[str, int]:
+        return CountsSampler(segments=self.segments, per_language=self.read()).counts(distribution)
 
 
 def absolute_shares(distribution: Mapping[str, float]) -> dict[str, float]:

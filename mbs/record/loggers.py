@@ -86,6 +86,11 @@ class WandbLogger:
                 logged.update(wandb_media(results.similarity, model_label(results)))
             except Exception as err:  # noqa: BLE001 - as above
                 log.warning("W&B language similarity not logged: %s", err)
+        risk = results.risk or {}
+        if risk:  # predicted damage before compressing, the measured log ratio beside it (mbs/analyze/damage.py)
+            measured = risk.get("measured_log_ratio", {})
+            logged["risk"] = wandb.Table(columns=["language", "predicted_damage", "measured_log_ratio"],
+                                         data=[[k, v, measured.get(k)] for k, v in risk["predicted"].items()])
         zeroshot = (results.zeroshot or {}).get("results", [])
         if zeroshot:  # lm-eval accuracy per task and metric, dense vs compressed (mbs/evaluate/zeroshot.py)
             logged["zeroshot"] = wandb.Table(columns=list(zeroshot[0]), data=[list(r.values()) for r in zeroshot])
@@ -100,6 +105,9 @@ class WandbLogger:
                 if r.get(metric) is not None:
                     summary[f"{metric}/{r['language']}"] = r[metric]
         summary.update({f"calibration_segments/{k}": v for k, v in segments.items()})
+        summary.update({f"predicted_damage/{k}": v for k, v in risk.get("predicted", {}).items()})
+        if risk.get("spearman") is not None:
+            summary["risk/spearman"] = risk["spearman"]
         summary["calibration_segments/total"] = results.calibration["total"]
         summary.update({f"zeroshot/{r['task']}/{r['metric']}/{k}": r[k] for r in zeroshot
                         for k in ("dense", "compressed", "difference")})

@@ -56,9 +56,11 @@ class RunResult:
     zeroshot: dict[str, Any] | None = None  # lm-eval accuracies, dense vs compressed, when eval.tasks ran
     export: dict[str, Any] | None = None  # the written checkpoint, when save_model=true
     provenance: dict[str, Any] = field(default_factory=dict)  # commit, times, package versions, model revision
+    risk: dict[str, Any] | None = None  # predicted damage per language, and the measured beside it (mbs/analyze/damage.py)
+    risk_skipped: str | None = None  # why risk.predict=true predicted nothing
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a results.json this class does not know
 
-    OPTIONAL = ("similarity_skipped", "zeroshot", "export")  # left out of results.json when None
+    OPTIONAL = ("similarity_skipped", "zeroshot", "export", "risk", "risk_skipped")  # left out of results.json when None
 
     @property
     def name(self) -> str:
@@ -186,6 +188,27 @@ def write_results(directory: Path, result: RunResult) -> None:
                       directory / "results.json": json.dumps(result.to_json(), indent=2, default=str)})
 
 
+def risk_markdown(risk: dict[str, Any]) -> str:
+    """Predicted damage per language, highest first; once measured, the measured log ratio beside it and Spearman's ρ
+    across languages (results.json ``risk``, mbs/analyze/damage.py)."""
+    measured = risk.get("measured_log_ratio")
+    if measured is None:
+        head = "Predicted damage (relative output error) of each evaluated language, before compressing:"
+        lines = ["| language | predicted damage |", "|---|---:|"]
+    else:
+        rho = risk.get("spearman")
+        head = (f"Predicted damage (before compressing) vs measured log ratio; Spearman ρ across "
+                f"{len(risk['predicted'])} languages: {'–' if rho is None else f'{rho:.3f}'}")
+        lines = ["| language | predicted damage | measured log ratio |", "|---|---:|---:|"]
+    for language, value in sorted(risk["predicted"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {language} | {value:.4g} |" + ("" if measured is None else
+                                                        f" {_number(measured.get(language), '.3f')} |"))
+    skipped = risk.get("not_predicted") or {}
+    if skipped:
+        lines.append("not predicted: " + "; ".join(f"{k} ({why})" for k, why in skipped.items()))
+    return head + "\n" + "\n".join(lines)
+
+
 def format_table(result: RunResult) -> str:
     """The console summary: what ran, the geometric-mean ratio over languages (and over low-resource ones), and the
     per-language table ordered by training share."""
@@ -203,6 +226,8 @@ def format_table(result: RunResult) -> str:
     if model_config.get("source") == "gguf_package":
         head += f"\ndense = the de-quantized weights of {model_config.get('gguf_file')}"
     table = head + "\n" + to_markdown(result.languages)
+    if result.risk:
+        table += "\n" + risk_markdown(result.risk) + "\n"
     if result.zeroshot:
         table += "\nZero-shot accuracy (lm-eval):\n" + zeroshot_markdown(result.zeroshot["results"])
     return table
