@@ -1,5 +1,4 @@
 """The mixture optimiser (mbs/mixture.py) and sampler=optimized."""
-import math
 
 import pytest
 import yaml
