@@ -139,7 +139,10 @@ def report(jobs: dict, methods: list[str], sparsities: list[float], seeds: list[
                     verdict = "hurts beyond the seed spread"
                 else:
                     verdict = "within the seed spread"
-                print(f"- {variant} vs {base} at {sparsity:.0%}, {label}: x{v[0]:.3f} vs x{b[0]:.3f}: {verdict}")
+                paired = [jobs[variant, sparsity, seed]["summary"][key] / jobs[base, sparsity, seed]["summary"][key]
+                          for seed in seeds]  # the same calibration sample per seed: the paired unit
+                print(f"- {variant} vs {base} at {sparsity:.0%}, {label}: x{v[0]:.3f} vs x{b[0]:.3f}: {verdict}; "
+                      f"paired ratio per seed {', '.join(f'{r:.3f}' for r in paired)}")
 
 
 def figure(jobs: dict, methods: list[str], sparsities: list[float], seeds: list[int], path: Path) -> None:
