@@ -3,7 +3,7 @@ outlier-weighted layer sparsity (``compressor.layer_sparsity=owl``, published M=
 unstructured, on the embedded default with MBS calibration, every evaluation window, over seeds (the calibration
 sample's). Prints, per method and sparsity, the geometric-mean perplexity ratio over all languages and over the
 low-resource ones (mean over seeds, with the seeds' min–max), the achieved global sparsity, whether each OWL variant
-beats its uniform base beyond the seed spread, and writes one figure with every language's ratio per method
+beats its uniform base beyond the seed spread (with the paired ratio per seed), and writes one figure with every language's ratio per method
 (languages sorted by training share, log axis) and every run's summary as JSON.
 
 M-Wanda (Choenni & Titov 2025) is not among the methods: MBS does not implement it yet (its method section and code
@@ -170,8 +170,9 @@ def figure(jobs: dict, methods: list[str], sparsities: list[float], seeds: list[
         ax.set_xlabel("language (by training share, largest first)")
         ax.set_ylabel("perplexity ratio (compressed / dense)")
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()  # one legend under the panels, hiding no point
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
