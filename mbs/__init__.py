@@ -24,6 +24,7 @@ _EXPORTS = {
     # compressors (their fields are the conf/compressor options)
     "Wanda": "mbs.compress.pruning", "Magnitude": "mbs.compress.pruning", "Dense": "mbs.compress.pruning",
     "SparseGPT": "mbs.compress.sparsegpt", "GPTQ": "mbs.compress.quantization", "RTN": "mbs.compress.quantization",
+    "AWQ": "mbs.compress.awq",
     "EngineConfig": "mbs.compress.engine",
     # corpora and samplers
     "UDHRCorpus": "mbs.data.corpora", "HubCorpus": "mbs.data.hub", "LocalCorpus": "mbs.data.local",

@@ -93,6 +93,11 @@ def test_bad_override_fails_at_composition(override):
      "eval.suites: xwinograd has no variant in any evaluated language (sw, yo)"),
     (["eval.suites=[xnli,xnli]"], "eval.suites repeats xnli"),
     (["zeroshot=xcopa", "eval.zeroshot.limit=5"], None),
+    (["compressor=awq", "compressor.n_grid=0"], "compressor.n_grid=0 must be >= 1"),
+    (["compressor=awq", "compressor.max_shrink=1.0"], "compressor.max_shrink=1.0 must be in [0, 1)"),
+    (["compressor=awq", "compressor.clip_tokens=0"], "compressor.clip_tokens=0 must be >= 1"),
+    (["compressor=awq", "compressor.bits=1"], "compressor.bits=1 is not allowed; allowed: 2-8"),
+    (["compressor=awq"], None),
     (["save_format=dense"], "save_format=dense applies only with save_model=true"),
     (["save_format=dense", "save_model=true"], None),
     # each evaluation setting named with what it allows

@@ -37,9 +37,10 @@ COMPRESSORS = [
     (mbs.GPTQ(bits=4, groupsize=-1), True),  # asymmetric, one grid per row: packed zero points per channel
     (mbs.RTN(bits=4, groupsize=128), True),
     (mbs.RTN(bits=8, groupsize=-1, sym=True), True),  # 8 bits: a bf16 quotient can round half a level off
+    (mbs.AWQ(), True),  # 4 bits, g128, zero point; its scales change the norms too (saved dense)
 ]
 IDS = ["wanda-2:4", "sparsegpt-50%", "gptq-default", "gptq-4b-g128-sym", "gptq-4b-channel", "rtn-4b-g128",
-       "rtn-8b-channel-sym"]
+       "rtn-8b-channel-sym", "awq-4b-g128"]
 
 
 def plain_call(directory):

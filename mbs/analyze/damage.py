@@ -55,6 +55,8 @@ def unsupported(compressor: Compressor, model: nn.Module) -> str | None:
     name = type(compressor).__name__.lower()
     if compressor.is_noop:
         return f"compressor {name} changes no weight: nothing to predict"
+    if compressor.needs_layer_inputs:
+        return f"compressor {name} rewrites each layer from its calibration inputs, which the prediction does not hold"
     if compressor.needs_statistics:
         probe = compressor.new_statistic(nn.Linear(2, 2, device="meta"))
         if not isinstance(probe, ColumnSquares):

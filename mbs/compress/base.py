@@ -31,6 +31,8 @@ class Compressor:
     registered by name with ``@register_compressor`` (mbs/compress/registry.py)."""
 
     needs_statistics: ClassVar[bool] = False
+    # True: the engine hands each dense layer and its calibration inputs to prepare_layer before compress (AWQ)
+    needs_layer_inputs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass's ``__post_init__`` first checks the types of the scalar fields, so that
@@ -58,6 +60,15 @@ class Compressor:
 
     def check(self, name: str, module: nn.Linear) -> None:
         """Raise on a module this compressor cannot handle; called for every module before any work starts."""
+
+    def check_layers(self, layers: nn.ModuleList) -> None:
+        """Raise on a decoder-layer layout this compressor cannot handle (on the weightless skeleton too)."""
+
+    def prepare_layer(self, layer: nn.Module, adapter: Any, inputs: list[torch.Tensor],
+                      kwargs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rewrite one dense layer, on its calibration inputs (one tensor and one set of call arguments per batch),
+        before its matrices are compressed (``needs_layer_inputs``); return figures worth recording for the layer."""
+        raise NotImplementedError
 
     def new_statistic(self, module: nn.Linear) -> Statistic | None:
         return None

@@ -54,6 +54,9 @@ VERSION = 1  # bump when what a block holds changes
 def check_cached(compressor: Compressor, model: nn.Module) -> None:
     """One-line errors, on the model skeleton, for what the cached mode cannot do."""
     name = type(compressor).__name__.lower()
+    if compressor.needs_layer_inputs:
+        raise ValueError(f"engine.mode=cached keeps per-segment vector statistics; compressor {name!r} searches each "
+                         f"layer on its calibration inputs; use engine.mode=sequential")
     if compressor.needs_statistics:
         probe = compressor.new_statistic(nn.Linear(2, 2, device="meta"))
         if not isinstance(probe, ColumnSquares):

@@ -348,6 +348,7 @@ def check_modules(model: nn.Module, compressor: Compressor) -> None:
     """Ask the compressor about every module it will see (shapes only: works on a meta-device skeleton)."""
     for name, module in layer_modules(model).items():
         compressor.check(name, module)
+    compressor.check_layers(Adapter(model).layers)
 
 
 def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -390,12 +391,12 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     device = torch.device(config.device)
     try:
         captured = None
-        if compressor.needs_statistics or compressor.needs_profile:
+        if compressor.needs_statistics or compressor.needs_profile or compressor.needs_layer_inputs:
             batches = calibration.batches(config.batch_size, by_language=config.per_language_statistics)
             captured = capture(adapter, batches, device)
         if compressor.needs_profile:
             report.profile = dense_profile(adapter, compressor, captured, config, full)
-        if not compressor.needs_statistics:
+        if not (compressor.needs_statistics or compressor.needs_layer_inputs):
             captured = None  # the profile's pre-pass was all that needed the inputs (magnitude)
         iterator = enumerate(layers)
         if progress:
@@ -407,7 +408,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
             layer.to(device)
             linears = adapter.linears(layer)
             stats, leader, totals = {}, {}, {}
-            if captured is not None:
+            if captured is not None and compressor.needs_statistics:
                 stats, leader = collect_statistics(layer, adapter, compressor, captured.inputs,
                                                    captured.layer_kwargs[i], captured.languages,
                                                    config.per_language_statistics)
@@ -416,13 +417,21 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
                         observer(i, group, by_language)
                 totals = {group: merged(by_language, lambda g=group: compressor.new_statistic(linears[g]))
                           for group, by_language in stats.items()}
+            prepared, dense_outputs = None, None
+            if compressor.needs_layer_inputs:
+                if i + 1 < len(layers):  # the next layer is calibrated on this one's dense outputs (AWQ's reference)
+                    dense_outputs = run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
+                prepared = compressor.prepare_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
             step = compress_layer(adapter, full[id(layer)], linears, compressor, totals, leader)
             report.uncalibrated += step.uncalibrated
             del stats, totals
-            if captured is not None and i + 1 < len(layers):
+            if dense_outputs is not None:
+                captured.inputs = dense_outputs
+            elif captured is not None and i + 1 < len(layers):
                 captured.inputs = run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
             layer.to(config.offload_device)
-            report.layers.append(layer_record(i, time.perf_counter() - t0, step.modules, step.shared_inputs))
+            report.layers.append(layer_record(i, time.perf_counter() - t0, step.modules, step.shared_inputs,
+                                              prepared))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch.backends.cudnn.allow_tf32 = cudnn_tf32

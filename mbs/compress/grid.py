@@ -18,6 +18,8 @@ class QuantSpec:
     # Scales are rounded to this dtype (the weight's own, as a checkpoint stores them: compressed-tensors keeps
     # scales in the model dtype), so the fake-quantized weights are exactly what a reloaded checkpoint decompresses.
     scale_dtype: torch.dtype | None = None
+    # False: the group's own min and max (AWQ's grid, mbs/compress/awq.py): 0 need not be a level (asymmetric only)
+    zero_in_range: bool = True
 
     def for_weight(self, weight: torch.Tensor) -> "QuantSpec":
         """This grid with scales stored in ``weight``'s dtype."""
@@ -48,6 +50,12 @@ class QuantSpec:
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the grid over the last dimension of ``w`` (fp32), kept with a trailing dim of 1."""
+        if not self.zero_in_range and not self.sym:  # llm-awq pseudo_quantize_tensor's grid
+            xmin, xmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+            scale = (xmax - xmin).clamp(min=1e-5) / self.maxq
+            if self.scale_dtype is not None and self.scale_dtype != scale.dtype:
+                scale = scale.to(self.scale_dtype).to(w.dtype).clamp_min(torch.finfo(self.scale_dtype).tiny)
+            return scale, torch.round(-xmin / scale).clamp(0, self.maxq)
         zero_ = torch.zeros((), dtype=w.dtype, device=w.device)
         xmin = torch.minimum(w.amin(dim=-1, keepdim=True), zero_)
         xmax = torch.maximum(w.amax(dim=-1, keepdim=True), zero_)

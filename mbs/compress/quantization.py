@@ -50,7 +50,8 @@ class RTN(Quantizing):
 
     def compress(self, name: str, module: nn.Linear, statistic: Any) -> dict[str, Any]:
         spec = self.spec.for_weight(module.weight)
-        w = module.weight.detach().float()
+        w = module.weight.detach()
+        w = w.to(torch.promote_types(w.dtype, torch.float32))  # fp32 arithmetic (fp64 weights keep theirs)
         scale, zero = spec.fit_groups(w)
         module.weight.data.copy_(spec.quantize_groups(w, scale, zero))
         g_idx = torch.arange(w.shape[1], device=w.device) // spec.group_width(w.shape[1])

@@ -64,7 +64,7 @@ def _origin(entry: Any) -> str:
 
 
 COMPRESSORS: Registry[type] = Registry("compressor", ("mbs.compress.pruning", "mbs.compress.quantization",
-                                                     "mbs.compress.sparsegpt"))
+                                                     "mbs.compress.sparsegpt", "mbs.compress.awq"))
 
 C = TypeVar("C", bound=type)
 

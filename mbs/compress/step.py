@@ -25,12 +25,13 @@ def module_figures(module: LinearLike) -> dict[str, Any]:
 
 
 def layer_record(index: int, seconds: float, modules: dict[str, dict[str, Any]],
-                 shared_inputs: dict[str, str]) -> dict[str, Any]:
-    """One entry of ``CompressionReport.layers`` (results.json ``compression.layers``)."""
+                 shared_inputs: dict[str, str], prepared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One entry of ``CompressionReport.layers`` (results.json ``compression.layers``); ``prepared``: the figures of
+    the compressor's rewrite of the whole layer (AWQ's scales and clipping), when it made one."""
     zeros = sum(m["zeros"] for m in modules.values())
     params = sum(m["params"] for m in modules.values())
     return {"index": index, "seconds": seconds, "sparsity": zeros / params if params else 0.0, "modules": modules,
-            "shared_inputs": shared_inputs}
+            "shared_inputs": shared_inputs, **({"prepared": prepared} if prepared is not None else {})}
 
 
 def compress_layer(adapter: Adapter, layer_name: str, linears: Mapping[str, LinearLike], compressor: Compressor,
