@@ -16,10 +16,7 @@ were not available to transcribe; see the README, Compressors).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import math
 import sys
 import tempfile
 import time
@@ -27,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from resumable import geomean, run_or_resume  # noqa: E402
 
 METHODS = {
     "wanda": ["compressor=wanda"],
@@ -35,10 +35,6 @@ METHODS = {
     "sparsegpt+owl": ["compressor=sparsegpt", "compressor.layer_sparsity=owl"],
 }
 VARIANTS = {"wanda+owl": "wanda", "sparsegpt+owl": "sparsegpt"}  # variant -> its uniform base
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def main() -> None:
@@ -60,8 +56,6 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     import mbs
-    from mbs.fingerprint import experiment_id
-    from mbs.pipeline import run
 
     common = ["logger=none", "progress=false", "sampler=mbs", "analysis.layers=[]",
               f"eval.max_windows={args.max_windows}"]
@@ -77,18 +71,13 @@ def main() -> None:
             for sparsity in sparsities:
                 for method in methods:
                     cfg = mbs.compose(*common, *METHODS[method], f"compressor.sparsity={sparsity}", f"seed={seed}")
-                    done = runs / f"{method}-{sparsity}-{seed}.json"
-                    if done.is_file():  # used only when its experiment id is this config's (same inputs, machine)
-                        earlier = json.loads(done.read_text())
-                        if earlier.get("experiment_id") == experiment_id(cfg):
-                            jobs[method, sparsity, seed] = earlier
-                            print(f"{method} {sparsity:.0%} seed {seed}: from {done}", flush=True)
-                            continue
                     start = time.perf_counter()
-                    with contextlib.redirect_stdout(io.StringIO()):
-                        result = run(cfg, Path(tmp) / f"{method}-{sparsity}-{seed}")
+                    done = runs / f"{method}-{sparsity}-{seed}.json"
+                    result, resumed = run_or_resume(cfg, done, Path(tmp) / f"{method}-{sparsity}-{seed}")
                     jobs[method, sparsity, seed] = result
-                    done.write_text(json.dumps(result))
+                    if resumed:
+                        print(f"{method} {sparsity:.0%} seed {seed}: from {done}", flush=True)
+                        continue
                     c = result["compression"]
                     print(f"{method} {sparsity:.0%} seed {seed}: x{result['summary']['geomean_ratio']:.3f} "
                           f"(low-resource x{result['summary']['low_resource_geomean_ratio']:.3f}), achieved "

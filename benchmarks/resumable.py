@@ -1,0 +1,29 @@
+"""Shared by the benchmarks that make many real-model runs: one results file per finished run, read back on a re-run
+with the same ``--out`` when its experiment id is the config's (same inputs, same code), else run again."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def run_or_resume(cfg: Any, done: Path, workdir: Path) -> tuple[dict, bool]:
+    """(the run's results, True when read back from ``done`` rather than run); a fresh result is written to ``done``."""
+    from mbs.fingerprint import experiment_id
+    from mbs.pipeline import run
+
+    if done.is_file():
+        earlier = json.loads(done.read_text())
+        if earlier.get("experiment_id") == experiment_id(cfg):
+            return earlier, True
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = run(cfg, workdir)
+    done.write_text(json.dumps(result))
+    return result, False
