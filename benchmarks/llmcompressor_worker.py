@@ -1,6 +1,7 @@
 """Runs inside the benchmark's own llm-compressor virtual environment (never the project's): loads the dense model,
 times ``oneshot`` on the calibration token ids it is given, and writes the effective weights of every compressed
-Linear (pruned, or quantized and de-quantized) for the project's side to evaluate. Called by benchmarks/peers.py.
+Linear (pruned, or quantized and de-quantized), and for AWQ every decoder-layer norm (its scales fold into them), for
+the project's side to evaluate. Called by benchmarks/peers.py.
 
     python llmcompressor_worker.py MODEL_DIR CALIBRATION.safetensors METHOD OUT.safetensors OUT.json
 """
@@ -31,7 +32,12 @@ def recipe(method: str):
 
         return GPTQModifier(scheme="W4A16", targets=["Linear"], ignore=["lm_head"], block_size=128,
                             dampening_frac=0.01)  # W4A16: 4-bit symmetric, groups of 128; act-order "static" default
-    raise SystemExit(f"unknown method {method!r}; allowed: wanda, sparsegpt, gptq")
+    if method == "awq":
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        # W4A16_ASYM: 4-bit with a zero point, groups of 128 (the AWQ reference's setting); the model's own mappings
+        return AWQModifier(scheme="W4A16_ASYM", targets=["Linear"], ignore=["lm_head"])
+    raise SystemExit(f"unknown method {method!r}; allowed: wanda, sparsegpt, gptq, awq")
 
 
 def main() -> None:
@@ -51,6 +57,8 @@ def main() -> None:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
             weights[f"{name}.weight"] = module.weight.detach().to(torch.bfloat16).contiguous()
+        elif method == "awq" and ".layers." in name and "norm" in type(module).__name__.lower():
+            weights[f"{name}.weight"] = module.weight.detach().to(torch.bfloat16).contiguous()  # its scales fold here
     save_file(weights, out_weights)
     import llmcompressor
     import transformers

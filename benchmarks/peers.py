@@ -1,4 +1,4 @@
-"""Side by side with llm-compressor (``oneshot``: Wanda, SparseGPT, GPTQ W4A16) on the same model, the very same
+"""Side by side with llm-compressor (``oneshot``: Wanda, SparseGPT, GPTQ W4A16, AWQ W4A16 asymmetric) on the same model, the very same
 calibration token ids (the run's MBS mixture) and the same evaluation windows, on this machine: compression wall time
 and per-language perplexity after compression, for each method. Both sides are evaluated here, by the project's own
 evaluation, so only the compression differs.
@@ -41,6 +41,8 @@ OURS = {  # the same settings as llm-compressor's modifiers in the worker
     "wanda": mbs.Wanda(sparsity=0.5),
     "sparsegpt": mbs.SparseGPT(sparsity=0.5, percdamp=0.01, blocksize=128),
     "gptq": mbs.GPTQ(bits=4, sym=True, groupsize=128, actorder=True, static_groups=True, percdamp=0.01, blocksize=128),
+    # 4-bit, zero point, g128 on both sides; each keeps its own search (llm-compressor: duo scaling, no clip search)
+    "awq": mbs.AWQ(bits=4, sym=False, groupsize=128),
 }
 
 
@@ -71,7 +73,7 @@ def geomean_ratio(dense: dict, compressed: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="wanda,sparsegpt,gptq", help="comma-separated: wanda, sparsegpt, gptq")
+    parser.add_argument("--methods", default="wanda,sparsegpt,gptq", help="comma-separated: " + ", ".join(OURS))
     parser.add_argument("--max-windows", type=int, default=0, help="evaluation windows per language (0: all)")
     parser.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "mbs" / "bench" /
                         f"llmcompressor-{LLMCOMPRESSOR}")
@@ -146,6 +148,8 @@ def main() -> None:
 def check_compressed(method: str, weights: dict[str, torch.Tensor]) -> None:
     """The peer's weights are what its method promises (so a silently skipped module cannot look like a result)."""
     for name, w in weights.items():
+        if "norm" in name:  # AWQ's folded scales: not compressed
+            continue
         if method in ("wanda", "sparsegpt"):
             share = float((w == 0).float().mean())
             if abs(share - 0.5) > 0.01:
@@ -154,7 +158,7 @@ def check_compressed(method: str, weights: dict[str, torch.Tensor]) -> None:
             groups = w.float().reshape(w.shape[0], -1, 128)
             distinct = max(len(torch.unique(g)) for g in groups[:8].reshape(-1, 128))
             if distinct > 16:
-                raise SystemExit(f"llm-compressor gptq: {name} has {distinct} values in a group of 128 (4-bit: 16)")
+                raise SystemExit(f"llm-compressor {method}: {name} has {distinct} values in a group of 128 (4-bit: 16)")
 
 
 def print_tables(figures: dict, methods: list[str]) -> None:
