@@ -16,7 +16,7 @@ from mbs.data.corpora import UDHRCorpus
 
 
 def test_every_built_in_compressor_and_mode_is_registered():
-    assert sorted(COMPRESSORS) == ["dense", "gptq", "magnitude", "rtn", "sparsegpt", "wanda"]
+    assert sorted(COMPRESSORS) == ["awq", "dense", "gptq", "magnitude", "rtn", "sparsegpt", "wanda"]
     assert SCHEMAS["compressor"] == {f"{name}_schema": cls for name, cls in COMPRESSORS.items()}
     assert list(PIPELINES) == ["sequential", "cached"]
     with pytest.raises(ValueError, match="^engine.mode='x' is not a mode; allowed: sequential, cached$"):
