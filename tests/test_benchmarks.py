@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
     ("similarity_separability.py", ["--windows", "2"], ["per statistic", "log_mean_square_centred"]),
     ("language_aware_pruning.py", ["--methods", "wanda,wanda+owl", "--sparsities", "0.7", "--seeds", "0"],
      ["| wanda+owl | 70% |", "wanda+owl vs wanda at 70%, low-resource", "figure and runs"]),
+    ("quantizers.py", ["--methods", "awq,rtn", "--bits", "3", "--calibrations", "english,uniform", "--max-windows", "2"],
+     ["| awq | 3 | english |", "| awq | 3 | uniform |", "| rtn | 3 | any |", "| language | awq 3b english"]),
     ("damage_prediction.py", ["--mixtures", "english,sw only"], ["| english | 5 |", "| sw only | 5 |", "risk records"]),
 ])
 def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
