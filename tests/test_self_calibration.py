@@ -49,6 +49,23 @@ def test_generation_is_deterministic_for_a_seed(tokenizer):
     assert len({tuple(row) for row in first.tolist()}) == 4  # sampled, not one text four times
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "bloom", "gpt2"])
+def test_generation_through_the_kv_cache_follows_the_whole_sequence_forward(tokenizer, arch):
+    """Near-greedy sampling (t=1e-4) picks, at every generated position, the token a forward over the whole segment
+    ranks first (where its lead is clear of rounding): the cache carries the right context and positions."""
+    model = tiny(arch).eval()
+    corpus = SelfCorpus(t_initial=1e-4, t_final=1e-4)
+    prompt = corpus.prompt(tokenizer, "en", arch != "gpt2", 48)
+    ids, starts = generate_segments(model, prompt, 2, 48, corpus, 0, "en", set())  # no end token: one generation
+    assert starts == [[0], [0]]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    top2 = logits[:, len(prompt) - 1 : -1].topk(2, dim=-1)
+    clear = (top2.values[..., 0] - top2.values[..., 1]) > 1e-3
+    assert clear.float().mean() > 0.8
+    assert torch.equal(ids[:, len(prompt):][clear], top2.indices[..., 0][clear])
+
+
 def test_the_temperature_schedule_is_the_papers():
     corpus = SelfCorpus(t_initial=2.0, t_final=0.5, t_steps=10)
     assert corpus.temperature(0) == 2.0
@@ -91,10 +108,12 @@ def test_the_script_check():
     assert script_share("1948, ...", "Latn") is None  # no letters: nothing to count
 
 
-def test_the_prefix_is_calibration_text_that_no_evaluation_window_holds():
+@pytest.mark.parametrize("eval_from_article", [2, 19])
+def test_the_prefix_is_calibration_text_that_no_evaluation_window_holds(eval_from_article):
     """Prefixes come from the UDHR's calibration articles (preamble first), which the corpus keeps apart from the
-    evaluation articles; no language's prefix occurs anywhere in its evaluation text either."""
-    corpus = SelfCorpus()
+    evaluation articles that the evaluation windows are cut from; no language's prefix occurs anywhere in its
+    evaluation text either, even with the fewest calibration articles."""
+    corpus = SelfCorpus(eval_from_article=eval_from_article)
     assert corpus.prefix("en") == "Whereas recognition of the inherent"
     assert corpus.prefix("zh-Hans") == "鉴于对人类家庭所有成"
     assert corpus.prefix("am") == "የሰው፡ልጅ፡ሁሉ፡ሲወለድ፡ነጻና"  # no preamble: the first article; Ethiopic word separators
