@@ -245,3 +245,12 @@ def test_a_run_with_self_calibration_writes_results_and_the_segments(tmp_path, s
     assert {k: sum(not r["in_language"] for r in rows if r["language"] == k) for k in counts} == \
         {k: c["failed"] for k, c in checked.items()}
     assert results["summary"] and len(results["languages"]) == 2
+
+
+def test_the_mixture_search_refuses_data_self_in_one_line(capsys, monkeypatch):
+    from mbs import mixture
+
+    monkeypatch.setattr("mbs.models.loading.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert mixture.main(["--targets", "sw", "--budget", "8", "model=tiny-llama", "data=self"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "data=self: the mixture search predicts damage from segments drawn" in error
