@@ -19,6 +19,7 @@ from mbs.compress.engine import EngineConfig
 from mbs.compress.registry import COMPRESSORS
 from mbs.data.calibration import REPEAT_LIMIT
 from mbs.data.corpora import UDHRCorpus
+from mbs.data.generated import SelfCorpus
 from mbs.data.hub import HubCorpus
 from mbs.data.local import LocalCorpus
 from mbs.data.languages import PAPER_LANGUAGES, check_languages
@@ -115,7 +116,8 @@ class RunConfig:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"model_schema": ModelSpec},
-    "data": {"udhr_schema": UDHRCorpus, "hub_schema": HubCorpus, "local_schema": LocalCorpus},
+    "data": {"udhr_schema": UDHRCorpus, "hub_schema": HubCorpus, "local_schema": LocalCorpus,
+             "self_schema": SelfCorpus},
     "sampler": {"proportional_schema": ProportionalSampler, "uniform_schema": UniformSampler,
                 "temperature_schema": TemperatureSampler,
                 "counts_schema": CountsSampler, "monolingual_schema": MonolingualSampler,
@@ -178,9 +180,22 @@ class Run:
         if not self.save_model and self.save_format != Run.save_format:
             raise ValueError(f"save_format={self.save_format} applies only with save_model=true; set save_model=true "
                              f"to write the model, or leave save_format at {Run.save_format}")
+        if isinstance(self.data, SelfCorpus):
+            check_self_calibration(self.engine, self.risk)
         if not self.calibration_max_repeats > 0:
             raise ValueError(f"calibration_max_repeats={self.calibration_max_repeats} must be > 0 (tokens drawn per "
                              f"token of a language's calibration text)")
+
+
+def check_self_calibration(engine: EngineConfig, risk: RiskConfig) -> None:
+    """data=self generates the calibration segments once the model is loaded; what draws further segments of a
+    language from a corpus's text (engine.mode=cached's statistics, risk.predict's) has no text to draw them from."""
+    if engine.mode != "sequential":
+        raise ValueError(f"engine.mode={engine.mode} with data=self: cached statistics are drawn from a corpus's "
+                         f"text, and data=self generates its segments with the model; use engine.mode=sequential")
+    if risk.predict:
+        raise ValueError("risk.predict=true with data=self: the prediction's statistics are drawn from a corpus's "
+                         "text, and data=self generates its segments with the model; set risk.predict=false")
 
 
 def unknown_key(path: str, known: list[str]) -> str:

@@ -246,6 +246,12 @@ def _main(args: argparse.Namespace, overrides: list[str], command: str) -> int:
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors: one line
         raise ValueError(str(err).splitlines()[0]) from None
     run = build(cfg)
+    from mbs.data.generated import SelfCorpus
+
+    if isinstance(run.data, SelfCorpus):
+        raise ValueError("data=self: the mixture search predicts damage from segments drawn from a corpus's text, "
+                         "and data=self generates its segments with the model; search with data=udhr (or another "
+                         "corpus) and run the mixture with data=self")
     problem = check_problem(split(args.targets), args.budget, args.objective,
                             split(args.languages) or list(run.eval.languages), run.data.languages(), run.data.name,
                             run.model.distribution or {})

@@ -2,6 +2,7 @@
 evaluate compressed → write results and log. Everything that can fail on user input fails before the model loads."""
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -18,6 +19,7 @@ from torch import nn
 from mbs.analyze import damage, similarity
 from mbs.analyze.similarity_plots import model_label, write_similarity
 from mbs.api import calibration_mixture, evaluation_windows, export, perplexity, window_bytes
+from mbs.atomic import atomic_write
 from mbs.compress import engine as engine_module
 from mbs.compress import statistics as statistics_module
 from mbs.compress.cached import LanguageStatistics
@@ -29,6 +31,8 @@ from mbs.data.cache import TokenCache
 from mbs.data.calibration import CalibrationSet, CalibrationText, SegmentSource, calibration_text
 from mbs.data.corpora import UDHRCorpus, check_available
 from mbs.data.distributions import estimate_from_tokenizer
+from mbs.data import generated as generated_module
+from mbs.data.generated import SelfCorpus
 from mbs.data.sampling import absolute_shares
 from mbs.fingerprint import (experiment_id, numeric_environment, source_fingerprint, tokens_fingerprint,
                              weights_fingerprint)
@@ -114,6 +118,8 @@ class Prepared:
     parameters: int = 0  # of the model, counted on its weightless skeleton
     hidden_size: int | None = None  # width of the activations the engine keeps between layers
     risk_skipped: str | None = None  # why risk.predict=true cannot predict this compression's damage
+    prompts: dict[str, list[int]] = field(default_factory=dict)  # data=self: each language's generation prompt
+    generated: dict[str, Any] | None = None  # data=self: settings, cache entries and language check (after generation)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -163,18 +169,19 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(run, counts, data.tokenizer, data.calibration, data.windows, data.probe, analysis_layers,
                     {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, data.source, data.window_bytes,
                     similarity_skipped, data.text, sum(p.numel() for p in skeleton.parameters()),
-                    getattr(getattr(skeleton, "config", None), "hidden_size", None), risk_skipped)
+                    getattr(getattr(skeleton, "config", None), "hidden_size", None), risk_skipped, data.prompts)
 
 
 @dataclass
 class RunData:
     tokenizer: Any
     text: CalibrationText
-    calibration: CalibrationSet
+    calibration: CalibrationSet | None  # None with data=self: generated once the model is loaded
     windows: dict[str, list[torch.Tensor]]
     window_bytes: dict[str, list[int]]
     probe: CalibrationSet | None
-    source: SegmentSource
+    source: SegmentSource | None  # None with data=self: no corpus text to draw further segments from
+    prompts: dict[str, list[int]] = field(default_factory=dict)  # data=self: each language's generation prompt
 
 
 def prepare_data(run: Run, counts: dict[str, int], tokenizer: Any, analysis_layers: list[int]) -> RunData:
@@ -187,22 +194,82 @@ def prepare_data(run: Run, counts: dict[str, int], tokenizer: Any, analysis_laye
                             probed, cache)
     if text.reason:
         log.warning("calibration segments shortened: %s", text.reason)
-    text.check(run.calibration_max_repeats)
-    calibration = calibration_mixture(tokenizer, run.data, spec.distribution, run.sampler, seqlen=text.seqlen,
-                                      seed=run.seed, prepend_bos=spec.prepend_bos, cache=cache)
+    generated = isinstance(run.data, SelfCorpus)
+    prompts = {}
+    if generated:  # the segments' length as data=udhr's; their text is generated once the model is loaded
+        text = CalibrationText(text.seqlen, text.model_seqlen, text.reason, {}, {})
+        prompts = {k: run.data.prompt(tokenizer, k, spec.prepend_bos, text.seqlen) for k, v in counts.items() if v}
+        calibration = None
+    else:
+        text.check(run.calibration_max_repeats)
+        calibration = calibration_mixture(tokenizer, run.data, spec.distribution, run.sampler, seqlen=text.seqlen,
+                                          seed=run.seed, prepend_bos=spec.prepend_bos, cache=cache)
     windows = evaluation_windows(tokenizer, run.eval.corpus or run.data, run.eval.languages, seqlen=spec.seqlen,
                                  prepend_bos=spec.prepend_bos, max_windows=run.eval.max_windows or None, cache=cache)
     probe = None
     if analysis_layers:
         probe = similarity.build_probe(tokenizer, run.data, probed, run.analysis, text.seqlen, spec.prepend_bos,
                                        cache=cache)
-    log.info("calibration: %d segments x %d tokens; per language segments (tokens drawn/tokens of text, repeats): %s",
-             calibration.total, text.seqlen, text.per_language(counts))
+    if generated:
+        log.info("calibration: %d segments x %d tokens, generated by the model once it is loaded (data=self); per "
+                 "language: %s", sum(counts.values()), text.seqlen, ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    else:
+        log.info("calibration: %d segments x %d tokens; per language segments (tokens drawn/tokens of text, repeats): "
+                 "%s", calibration.total, text.seqlen, text.per_language(counts))
     if text.warning():
         log.warning(text.warning())
-    source = SegmentSource(tokenizer, run.data, text.seqlen, run.seed, spec.prepend_bos, cache)
+    source = None if generated else SegmentSource(tokenizer, run.data, text.seqlen, run.seed, spec.prepend_bos, cache)
     return RunData(tokenizer, text, calibration, windows, window_bytes(tokenizer, windows, spec.prepend_bos), probe,
-                   source)
+                   source, prompts)
+
+
+SELF_CALIBRATION_FILE = "calibration_self.jsonl"
+
+
+def self_calibration(model: nn.Module, prepared: Prepared, dense_results: DenseResults, output_dir: Path
+                     ) -> tuple[CalibrationSet, dict[str, Any]]:
+    """data=self: each calibration language's segments generated by the dense model (cached per language, keyed by
+    the weights, the prompt, the count, length, seed and generation settings, the device and the code), their
+    language check, and every segment's text saved to ``<run dir>/calibration_self.jsonl`` for inspection."""
+    run, tokenizer = prepared.run, prepared.tokenizer
+    corpus, seqlen = run.data, prepared.calibration_text.seqlen
+    ends = generated_module.end_ids(model, tokenizer)
+    segments, checks, entries, rows = {}, {}, {}, []
+    model.to(run.engine.device)
+    for language, count in prepared.counts.items():
+        if not count:
+            segments[language] = torch.empty(0, seqlen, dtype=torch.long)
+            continue
+        prompt = prepared.prompts[language]
+        key = {"language": language, "prompt": prompt, "count": count, "seqlen": seqlen, "seed": run.seed,
+               "settings": corpus.settings(), "ends": sorted(ends), "device": run.engine.device,
+               "dtype": str(next(model.parameters()).dtype), "code": source_fingerprint(generated_module)}
+
+        def generate(language=language, count=count, prompt=prompt) -> dict[str, Any]:
+            ids, starts = generated_module.generate_segments(model, prompt, count, seqlen, corpus, run.seed, language,
+                                                             ends, run.engine.device)
+            return {"ids": ids.tolist(), "starts": starts}
+
+        value, source, entry = dense_results.get("self_calibration", key, generate)
+        segments[language] = torch.tensor(value["ids"], dtype=torch.long).reshape(count, seqlen)
+        checks[language], language_rows = generated_module.language_check(
+            tokenizer, language, segments[language], value["starts"], len(prompt), corpus.min_script_share)
+        checks[language]["prefix"] = corpus.prefix(language)
+        entries[language] = {"source": source, "entry": entry}
+        rows.extend(language_rows)
+    atomic_write(output_dir / SELF_CALIBRATION_FILE,
+                 "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    failed = sum(c["failed"] for c in checks.values())
+    total = sum(c["segments"] for c in checks.values())
+    line = ", ".join(f"{k} {c['failed']}/{c['segments']}" for k, c in checks.items())
+    (log.warning if failed else log.info)(
+        "self-calibration language check (script, min_script_share=%g): %d of %d generated segments fail: %s "
+        "(the texts: %s)", corpus.min_script_share, failed, total, line, output_dir / SELF_CALIBRATION_FILE)
+    record = {"method": "self-calibration (Williams et al., NAACL 2025), steered by a UDHR prefix per language",
+              "settings": corpus.settings(), "min_script_share": corpus.min_script_share,
+              "language_check": checks, "failed_share": round(failed / total, 4) if total else 0.0,
+              "cache": entries, "file": SELF_CALIBRATION_FILE}
+    return CalibrationSet(segments), record
 
 
 @contextmanager
@@ -233,6 +300,9 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
 
     with timed(timings, "fingerprint_s"):
         dense_results = DenseResults(model_cache(spec), weights_fingerprint(model), force=run.force)
+    if prepared.calibration is None:  # data=self: generated by the dense model, before anything changes it
+        with timed(timings, "generate_s"):
+            prepared.calibration, prepared.generated = self_calibration(model, prepared, dense_results, output_dir)
     with timed(timings, "eval_dense_s"):
         dense, baseline = dense_perplexity(dense_results, evaluate, model, prepared.windows, run, prepared.window_bytes)
     if zeroshot:
@@ -310,7 +380,8 @@ def predict_risk(model: nn.Module, prepared: Prepared, weights: str) -> dict[str
 def calibration_record(prepared: Prepared) -> dict[str, Any]:
     """results.json's ``calibration``: segments per language, their total, length and the text each was drawn from."""
     return {"segments": {k: int(t.shape[0]) for k, t in prepared.calibration.segments.items()},
-            "total": prepared.calibration.total, **prepared.calibration_text.record()}
+            "total": prepared.calibration.total, **prepared.calibration_text.record(),
+            **({"generated": prepared.generated} if prepared.generated is not None else {})}
 
 
 @dataclass
@@ -402,21 +473,29 @@ def plan_text(prepared: Prepared) -> str:
     """What a run would do, from what ``prepare`` found without loading the model (``dry_run=true``)."""
     run, text, calibration = prepared.run, prepared.calibration_text, prepared.calibration
     bytes_per = getattr(torch, run.model.dtype).itemsize
-    per_language = ", ".join(f"{k} {int(t.shape[0])} ({text.requested[k]:,} of {text.available[k]:,} tokens, "
-                             f"x{text.repeats[k]:.1f})" for k, t in calibration.segments.items() if t.shape[0])
+    total = calibration.total if calibration is not None else sum(prepared.counts.values())
+    if calibration is None:  # data=self
+        per_language = ", ".join(f"{k} {v}" for k, v in prepared.counts.items() if v)
+        source = (f"generated by the model once it loads (data=self: t_initial={run.data.t_initial}, "
+                  f"t_final={run.data.t_final} over t_steps={run.data.t_steps}, prefixes of {run.data.prefix_words} "
+                  f"words); per language, segments")
+    else:
+        per_language = ", ".join(f"{k} {int(t.shape[0])} ({text.requested[k]:,} of {text.available[k]:,} tokens, "
+                                 f"x{text.repeats[k]:.1f})" for k, t in calibration.segments.items() if t.shape[0])
+        source = "per language, segments (tokens drawn of its calibration text, repeats)"
     windows = [w for ws in prepared.windows.values() for w in ws]
     lines = [f"mbs: DRY RUN of {prepared.identity['name']}: no weights are loaded, nothing is compressed or written",
              f"model: {run.model.name}, {prepared.parameters:,} parameters in {run.model.dtype}: "
              f"{prepared.parameters * bytes_per / 1e9:.2f} GB of weights where the model waits "
              f"(engine.offload_device={run.engine.offload_device})",
-             f"calibration: {calibration.total} segments x {text.seqlen} tokens = {calibration.total * text.seqlen:,} "
-             f"tokens; per language, segments (tokens drawn of its calibration text, repeats): {per_language}"]
+             f"calibration: {total} segments x {text.seqlen} tokens = {total * text.seqlen:,} tokens; {source}: "
+             f"{per_language}"]
     if text.reason:
         lines.append(f"calibration segments shortened: {text.reason}")
     if text.warning():
         lines.append(text.warning())
     if prepared.hidden_size:
-        activations = calibration.total * text.seqlen * prepared.hidden_size * bytes_per
+        activations = total * text.seqlen * prepared.hidden_size * bytes_per
         lines.append(f"activations kept between layers: {activations / 1e9:.2f} GB on engine.device="
                      f"{run.engine.device} (computed from the widths: segments x seqlen x hidden size x "
                      f"{bytes_per} bytes; about twice that while a layer runs), plus one decoder layer")

@@ -1,5 +1,6 @@
-"""What depends on the dense model and the data only — the per-language dense perplexity and the similarity probe's
-activation vectors — computed once and reused by every job and sweep (they were a third of a default job).
+"""What depends on the dense model and the data only — the per-language dense perplexity, the similarity probe's
+activation vectors and ``data=self``'s generated calibration segments — computed once and reused by every job and
+sweep (the first two were a third of a default job).
 
 An entry's key holds everything that determines its numbers: a digest of the weights themselves (so a changed model,
 dtype or conversion can never hit a stale entry, whatever its name), the exact token ids evaluated, the settings that
