@@ -93,7 +93,7 @@ def test_bad_input_is_one_line_and_leaves_results_alone(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("model=bloom-9000", "mbs: error: unknown model 'bloom-9000'; available: aya-expanse-8b, bloom-"),
-    ("compressor=wanda,obs", "mbs: error: unknown compressor 'obs'; available: dense, "),
+    ("compressor=wanda,obs", "mbs: error: unknown compressor 'obs'; available: awq, dense, "),
 ])
 def test_unknown_option_is_one_line(tmp_path, override, message):
     args = ["--multirun", override] if "," in override else [override]
