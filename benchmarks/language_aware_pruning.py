@@ -103,7 +103,7 @@ def report(jobs: dict, methods: list[str], sparsities: list[float], seeds: list[
     first = jobs[methods[0], sparsities[0], seeds[0]]["summary"]
     print(f"\ngeometric-mean perplexity ratio (compressed / dense), over {len(seeds)} seed(s): geometric mean of the "
           f"seeds [min–max]; low-resource = {len(first['low_resource_languages'])} languages with training share "
-          f"below {first['low_resource_share']:g}% ({', '.join(first['low_resource_languages'])})")
+          f"below {100 * first['low_resource_share']:g}% ({', '.join(first['low_resource_languages'])})")
     print("| method | sparsity | all languages | low-resource | achieved global sparsity |")
     print("|---|---:|---:|---:|---:|")
     for sparsity in sparsities:

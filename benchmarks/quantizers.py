@@ -81,7 +81,8 @@ def main() -> None:
 def report(jobs: dict) -> None:
     first = next(iter(jobs.values()))["summary"]
     print(f"\ngeometric-mean perplexity ratio (compressed / dense); low-resource = "
-          f"{len(first['low_resource_languages'])} languages with training share below {first['low_resource_share']:g}%"
+          f"{len(first['low_resource_languages'])} languages with training share below "
+          f"{100 * first['low_resource_share']:g}%"
           f" ({', '.join(first['low_resource_languages'])})")
     print("| method | bits | calibration | all languages | low-resource | compression s |")
     print("|---|---:|---|---:|---:|---:|")
