@@ -49,6 +49,11 @@ def main() -> None:
     model.eval()
     from llmcompressor import oneshot
 
+    if not torch.cuda.is_available():  # 0.14's AWQ pins its cached activations for host-to-GPU copies, which raises
+        from llmcompressor.pipelines.cache import IntermediatesCache  # without an accelerator; on a CPU there is no copy
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
     t0 = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=recipe(method), num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
