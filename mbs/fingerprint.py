@@ -28,7 +28,8 @@ ID_VERSION = 2  # bump when results of the same config stop being comparable (a 
 # reporting threshold that the report recomputes from the rows anyway, a gate that refuses runs, where the
 # checkpoint is pushed, and the predicted-damage report (it adds a prediction, it changes no measured number).
 NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "dry_run", "push_to_hub", "model.cache_dir",
-                   "engine.offload_device", "eval.low_resource_share", "calibration_max_repeats", "risk")
+                   "engine.offload_device", "eval.low_resource_share", "calibration_max_repeats", "risk",
+                   "engine.stream", "engine.max_memory")  # streamed and in-memory runs give the same numbers (tested)
 
 
 def _with_types(node: Any) -> Any:

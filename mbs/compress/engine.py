@@ -181,8 +181,10 @@ def _to(value: Any, device: torch.device | str) -> Any:
 
 
 @torch.no_grad()
-def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: torch.device | str) -> Captured:
-    """Record what every decoder layer is called with, running only layer 0, once, to learn what a layer returns."""
+def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: torch.device | str,
+            dtype: torch.dtype | None = None) -> Captured:
+    """Record what every decoder layer is called with, running only layer 0, once, to learn what a layer returns
+    (``dtype``: the one a streamed layer is read in for it, when not the model's; mbs/evaluate/streamed.py)."""
     layers = adapter.layers
     store = layer_store(adapter.model)
     adapter.move_outer(device)
@@ -196,7 +198,7 @@ def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: t
             if index == 0:
                 inputs.append(hidden_states)
                 if not sample:
-                    sample.append(_real_output(layers[0], hidden_states, kwargs, store))
+                    sample.append(_real_output(layers[0], hidden_states, kwargs, store, dtype))
             per_layer[index].append(kwargs)
             if index == len(layers) - 1:
                 raise _StopForward
@@ -218,10 +220,11 @@ def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: t
     return Captured(inputs, per_layer, [lang for lang, _ in batches], sample[0] if sample else None)
 
 
-def _real_output(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any], store: Any) -> Any:
+def _real_output(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any], store: Any,
+                 dtype: torch.dtype | None = None) -> Any:
     """Layer 0's real output for one batch (the layer visits the batch's device for it, and goes back where it was)."""
     home = next((t.device for t in (*layer.parameters(), *layer.buffers()) if not t.is_meta), torch.device("cpu"))
-    store.fetch(0, layer, hidden_states.device)
+    store.fetch(0, layer, hidden_states.device, dtype)
     try:
         return type(layer).forward(layer, hidden_states, **kwargs)
     finally:

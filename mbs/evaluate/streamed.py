@@ -32,7 +32,7 @@ def evaluate_streamed(model: nn.Module, windows: dict[str, list[torch.Tensor]], 
         batches = [(language, batch) for language, ws in windows.items() for batch in language_batches(ws, batch_size)]
         if not batches:
             return {}
-        captured = capture(adapter, batches, device)  # embeddings, and each layer's call arguments per batch
+        captured = capture(adapter, batches, device, cast)  # embeddings, and each layer's call arguments per batch
         check_head(adapter, batches[0][1][0, :16].unsqueeze(0).to(device), captured.sample)
         hidden = [x.to(offload_device) for x in captured.inputs]
         store = layer_store(model)

@@ -19,6 +19,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -249,3 +250,48 @@ def streamed_tensor(model: nn.Module) -> Callable[[str, torch.Tensor], torch.Ten
         return store.tensor(name) if tensor.is_meta and store is not None else tensor
 
     return value
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes a run holds at its peak, from the skeleton's shapes (no weights loaded): in memory, every weight and
+    the calibration activations; streamed, the embeddings, final norm and head, the largest decoder layer and the
+    hidden states of the calibration or of every evaluation window, whichever is more. Activations count twice (a
+    layer's inputs and outputs while it runs). A lower bound: a compressor's statistics (GPTQ's Hessians) and the
+    framework's own memory come on top."""
+
+    weights: int
+    outer: int
+    largest_layer: int
+    calibration: int  # hidden states of every calibration segment, once
+    evaluation: int  # hidden states of every evaluation window, once
+
+    @property
+    def in_memory(self) -> int:
+        return self.weights + 2 * self.calibration
+
+    @property
+    def streamed(self) -> int:
+        return self.outer + self.largest_layer + 2 * max(self.calibration, self.evaluation)
+
+    def streamed_parts(self) -> str:
+        return (f"largest decoder layer {gb(self.largest_layer)} + embeddings, final norm and head {gb(self.outer)} "
+                f"+ 2 x {gb(max(self.calibration, self.evaluation))} of "
+                f"{'calibration' if self.calibration >= self.evaluation else 'evaluation'} hidden states")
+
+
+def gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def memory_plan(skeleton: nn.Module, layers: nn.ModuleList, itemsize: int, calibration_tokens: int,
+                evaluation_tokens: int) -> MemoryPlan:
+    """The :class:`MemoryPlan` of a model whose weights take ``itemsize`` bytes per value."""
+    def size(params) -> int:
+        return sum(p.numel() for p in {id(p): p for p in params}.values()) * itemsize
+
+    hidden = skeleton.get_input_embeddings().weight.shape[1]
+    weights = size(skeleton.parameters())
+    in_layers = size(layers.parameters())
+    return MemoryPlan(weights, weights - in_layers, max(size(layer.parameters()) for layer in layers),
+                      calibration_tokens * hidden * itemsize, evaluation_tokens * hidden * itemsize)
