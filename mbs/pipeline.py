@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -170,10 +171,13 @@ def prepare(cfg: DictConfig) -> Prepared:
                                     run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
         data = prepare_data(run, counts, tokenizer or load_tokenizer(spec), analysis_layers)
-        segments = data.calibration.total if data.calibration is not None else sum(counts.values())
-        memory = memory_plan(skeleton, Adapter(skeleton).layers, getattr(torch, spec.dtype).itemsize,
-                             segments * data.text.seqlen, sum(w.numel() for ws in data.windows.values() for w in ws))
-        stream = choose_streaming(run, memory, analysis_layers)
+        memory, stream = None, False
+        if run.engine.stream or run.engine.max_memory is not None:
+            segments = data.calibration.total if data.calibration is not None else sum(counts.values())
+            memory = memory_plan(skeleton, Adapter(skeleton).layers, getattr(torch, spec.dtype).itemsize,
+                                 segments * data.text.seqlen,
+                                 sum(w.numel() for ws in data.windows.values() for w in ws))
+            stream = choose_streaming(run, memory, analysis_layers)
     except ValueError as err:
         raise UserError(str(err)) from err
     return Prepared(run, counts, data.tokenizer, data.calibration, data.windows, data.probe, analysis_layers,
@@ -621,6 +625,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                                     ) from err
     except BaseException:
         logger.finish(failed=True)
+        if prepared.stream:  # a streamed run's compressed layers are of no use once it failed
+            shutil.rmtree(output_dir / OFFLOAD_DIR, ignore_errors=True)
         raise
     try:
         logger.finish()

@@ -157,6 +157,8 @@ class StreamedLayers:
         full = {id(m): n for n, m in model.named_modules()}
         self.prefix = [full[id(layer)] for layer in layers]
         self.slots = [slots(layer) for layer in layers]
+        self.buffer_dtypes = {(id(sub), attr): buf.dtype for layer in layers for sub in layer.modules()
+                              for attr, buf in sub._buffers.items() if buf is not None}
         self.written: dict[int, tuple[int, str]] = {}  # layer -> (size, xxh3) of the file this process wrote
         clear_offload(self.folder)
 
@@ -182,7 +184,8 @@ class StreamedLayers:
             state = load_file(path)
             read = state.__getitem__
         else:
-            read = lambda name: self.checkpoint.tensor(self.keys[f"{prefix}.{name}"])  # noqa: E731
+            def read(name: str) -> torch.Tensor:
+                return self.checkpoint.tensor(self.keys[f"{prefix}.{name}"])
         materialise(self.slots[index], read, lambda name: dtype or self.dtypes[f"{prefix}.{name}"], device)
         for sub in layer.modules():
             for attr, buf in sub._buffers.items():
@@ -196,10 +199,10 @@ class StreamedLayers:
             self._write(index, layer)
         prefix = self.prefix[index]
         to_meta(self.slots[index], lambda name: self.dtypes[f"{prefix}.{name}"])
-        for sub in layer.modules():
+        for sub in layer.modules():  # buffers stay real; a float32 evaluation's cast is undone
             for attr, buf in sub._buffers.items():
                 if buf is not None:
-                    sub._buffers[attr] = buf.to(home)
+                    sub._buffers[attr] = buf.to(device=home, dtype=self.buffer_dtypes[(id(sub), attr)])
 
     def _write(self, index: int, layer: nn.Module) -> None:
         from safetensors.torch import save_file
