@@ -10,6 +10,10 @@
    no token reached is left as is and reported); the layer is re-run so the next layer sees compressed outputs; the
    layer goes back to the offload device.
 
+Where a layer waits between its turns is the model's layer store (mbs/models/streaming.py): in memory by default, or,
+with ``engine.stream``, on disk (read from the checkpoint for its turn, written to an offload folder once compressed);
+the loop calls ``fetch`` and ``release`` around each turn and is the same either way.
+
 A non-uniform layer sparsity (``compressor.layer_sparsity=owl``) needs every layer's figure before the first layer is
 compressed: :func:`dense_profile` first walks the dense layers once (the same statistics forwards on the calibration
 inputs, each layer's dense outputs feeding the next, as the OWL reference does), then the pass above runs as usual.

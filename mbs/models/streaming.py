@@ -94,22 +94,23 @@ class Checkpoint:
             else:
                 keys[name] = found
         if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
             raise ValueError(f"engine.stream=true: {len(missing)} weight(s) of the model are not stored under their "
-                             f"own names in {self.directory} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
-                             f"); transformers converts this checkpoint's names on load (e.g. fused MoE experts), which "
-                             f"streaming does not do yet; set engine.stream=false")
+                             f"own names in {self.directory} ({shown}); transformers converts this checkpoint's names "
+                             f"on load (e.g. fused MoE experts), which streaming does not do yet; set "
+                             f"engine.stream=false")
         return keys
 
 
 Slot = tuple[list[tuple[nn.Module, str]], str]  # every (module, attribute) holding one parameter, and its name
 
 
-def slots(module: nn.Module, prefix: str = "", skip: set[int] | None = None) -> list[Slot]:
-    """One slot per parameter of ``module`` (tied weights: one slot, several holders), named as in ``module`` with
-    ``prefix`` removed; modules whose identity is in ``skip`` (and their parameters) are left out."""
+def slots(module: nn.Module, skip: set[int] | None = None) -> list[Slot]:
+    """One slot per parameter of ``module`` (tied weights: one slot, several holders), named as in ``module``;
+    modules whose identity is in ``skip`` (and their parameters) are left out."""
     found: dict[int, Slot] = {}
     skipped = {id(p) for m in module.modules() if id(m) in (skip or set()) for p in m.parameters()}
-    names = {id(p): n.removeprefix(prefix) for n, p in module.named_parameters()}
+    names = {id(p): n for n, p in module.named_parameters()}
     for sub in module.modules():
         for attr, param in sub._parameters.items():
             if param is not None and id(param) not in skipped:
