@@ -55,8 +55,9 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 class Checkpoint:
-    """The safetensors files of one model directory: which file holds each tensor, read one tensor at a time from the
-    memory-mapped file."""
+    """The safetensors files of one model directory: which file holds each tensor, and reading some of them. Each read
+    maps the files it needs and unmaps them after, so the mapped pages of weights already read do not stay in the
+    process's memory."""
 
     def __init__(self, directory: Path) -> None:
         from safetensors import safe_open
@@ -70,15 +71,16 @@ class Checkpoint:
         for file in files:
             with safe_open(file, "pt") as handle:
                 self.where.update((key, file) for key in handle.keys())
-        self._handles: dict[Path, object] = {}
 
-    def tensor(self, key: str) -> torch.Tensor:
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors stored under ``keys``, each file opened once."""
         from safetensors import safe_open
 
-        file = self.where[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, "pt")
-        return self._handles[file].get_tensor(key)
+        out: dict[str, torch.Tensor] = {}
+        for file in dict.fromkeys(self.where[key] for key in keys):
+            with safe_open(file, "pt") as handle:
+                out.update((key, handle.get_tensor(key)) for key in keys if self.where[key] == file)
+        return out
 
     def keys_for(self, model: nn.Module) -> dict[str, str]:
         """{parameter name in the model: its key in the checkpoint} for every parameter (tied ones once), the model's
@@ -168,7 +170,7 @@ class StreamedLayers:
 
     def tensor(self, name: str) -> torch.Tensor:
         """One dense weight of the model by its name, read from the checkpoint in the model's dtype."""
-        return self.checkpoint.tensor(self.keys[name]).to(self.dtypes[name])
+        return self.checkpoint.read([self.keys[name]])[self.keys[name]].to(self.dtypes[name])
 
     def fetch(self, index: int, layer: nn.Module, device: torch.device | str,
               dtype: torch.dtype | None = None) -> None:
@@ -183,11 +185,12 @@ class StreamedLayers:
                 raise RuntimeError(f"the offloaded layer {path} changed on disk since this run wrote it; the run "
                                    f"cannot go on with it (rerun: the folder is cleared at the start)")
             state = load_file(path)
-            read = state.__getitem__
         else:
-            def read(name: str) -> torch.Tensor:
-                return self.checkpoint.tensor(self.keys[f"{prefix}.{name}"])
-        materialise(self.slots[index], read, lambda name: dtype or self.dtypes[f"{prefix}.{name}"], device)
+            keys = {name: self.keys[f"{prefix}.{name}"] for _, name in self.slots[index]}
+            stored = self.checkpoint.read(list(keys.values()))
+            state = {name: stored[key] for name, key in keys.items()}
+        materialise(self.slots[index], state.__getitem__, lambda name: dtype or self.dtypes[f"{prefix}.{name}"],
+                    device)
         for sub in layer.modules():
             for attr, buf in sub._buffers.items():
                 if buf is not None:
