@@ -14,6 +14,8 @@ only once complete, and a file is read back only if its size and xxh3 digest are
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -207,6 +209,7 @@ class StreamedLayers:
             for attr, buf in sub._buffers.items():
                 if buf is not None:
                     sub._buffers[attr] = buf.to(device=home, dtype=self.buffer_dtypes[(id(sub), attr)])
+        give_back_freed_memory()
 
     def _write(self, index: int, layer: nn.Module) -> None:
         from safetensors.torch import save_file
@@ -223,6 +226,23 @@ class StreamedLayers:
         """Delete the offload folder (the run is over: its compressed layers were evaluated)."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self.written.clear()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+        return None
+
+
+def give_back_freed_memory() -> None:
+    """Return the memory of a freed layer to the system (glibc's malloc_trim). Without it glibc keeps freed large
+    blocks for reuse, and a streamed run's peak memory grew with the number of layers (measured on a 309M-parameter
+    Llama: 1.0 GB after 24 layers against 0.58 GB with large blocks always returned; README)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def clear_offload(folder: Path) -> None:
