@@ -109,11 +109,12 @@ def test_float32_evaluation_and_the_dense_compressor_stream_too(data, tmp_path):
 
 def test_a_local_safetensors_checkpoint_streams_as_from_pretrained_loads_it(data, tmp_path):
     """model=hf / a local directory: the skeleton is built from its config.json (buffers as from_pretrained makes
-    them), the weights read from its safetensors; tied embeddings stay tied."""
+    them), the weights read from its safetensors shards; tied embeddings stay tied."""
     from mbs.models.tiny import tiny_model
 
     calibration, windows = data
-    tiny_model("gemma3", {}, dtype=torch.bfloat16).save_pretrained(tmp_path / "model")
+    tiny_model("gemma3", {}, dtype=torch.bfloat16).save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    assert len(list((tmp_path / "model").glob("*.safetensors"))) > 1  # shards, read through their index
     spec = ModelSpec(name="mine", source="hub", path=str(tmp_path / "model"), seqlen=64, dtype="bfloat16")
     memory, streamed = load_model(spec), load_streamed(spec, tmp_path / "offload")
     assert streamed.get_output_embeddings().weight is streamed.get_input_embeddings().weight

@@ -65,7 +65,13 @@ class Checkpoint:
         from safetensors import safe_open
 
         self.directory = Path(directory)
-        files = sorted(self.directory.glob("*.safetensors"))
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():  # a sharded checkpoint: its shards only (a repository may hold other copies beside them)
+            import json
+
+            files = sorted({self.directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise ValueError(f"engine.stream=true reads the weights from safetensors files, and {self.directory} holds "
                              f"none; convert the checkpoint to safetensors or set engine.stream=false")
