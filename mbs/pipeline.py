@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,7 +48,7 @@ from mbs.evaluate.streamed import evaluate_streamed
 from mbs.models import streaming as streaming_module
 from mbs.models.loading import (check_positions, load_model, load_streamed, load_tokenizer, model_cache, model_config,
                                 model_skeleton)
-from mbs.models.streaming import MemoryPlan, gb, layer_store, memory_plan
+from mbs.models.streaming import MemoryPlan, gb, layer_store, memory_plan, remove_offload
 from mbs.record.card import model_card, push, write_card
 from mbs.record.export import check_export, quantizes
 from mbs.record.identity import identity, provenance
@@ -626,7 +625,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     except BaseException:
         logger.finish(failed=True)
         if prepared.stream:  # a streamed run's compressed layers are of no use once it failed
-            shutil.rmtree(output_dir / OFFLOAD_DIR, ignore_errors=True)
+            remove_offload(output_dir / OFFLOAD_DIR)
         raise
     try:
         logger.finish()

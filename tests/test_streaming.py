@@ -243,6 +243,24 @@ def test_run_py_streamed_gives_the_in_memory_results(tmp_path):
     assert not (tmp_path / "streamed" / "offload").exists()  # removed once the compressed layers were evaluated
 
 
+def test_a_failed_streamed_run_removes_its_offloaded_layers_and_nothing_else(tmp_path, monkeypatch):
+    calls = []
+
+    def fails_after_compression(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the compressed evaluation: every layer is offloaded by now
+            assert len(list((tmp_path / "run" / "offload").glob("layer-*.safetensors"))) == 3
+            raise RuntimeError("out of memory")
+        return evaluate_streamed(*args, **kwargs)
+
+    (tmp_path / "run" / "offload").mkdir(parents=True)
+    (tmp_path / "run" / "offload" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(mbs.pipeline, "evaluate_streamed", fails_after_compression)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        mbs.pipeline.run(compose_run(*TINY, "engine.stream=true"), tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run" / "offload").iterdir()] == ["notes.txt"]
+
+
 # -- engine.max_memory and engine.stream ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, size", [("8GB", 8 * 10**9), ("1.5GiB", 3 * 2**29), ("512 MB", 512 * 10**6),

@@ -18,7 +18,6 @@ import ctypes
 import functools
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -229,8 +228,8 @@ class StreamedLayers:
         self.written[index] = (path.stat().st_size, file_digest(path))
 
     def remove(self) -> None:
-        """Delete the offload folder (the run is over: its compressed layers were evaluated)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the offloaded layers, and the folder when nothing else is in it (the run is over)."""
+        remove_offload(self.folder)
         self.written.clear()
 
 
@@ -251,15 +250,31 @@ def give_back_freed_memory() -> None:
         trim(0)
 
 
+def _layer_files(folder: Path) -> list[Path]:
+    """The layer files and write temporaries in an offload folder (nothing else in it is touched)."""
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob(LAYER_FILE.replace("{:05d}", "*"))) + sorted(folder.glob(".layer-*.tmp*"))
+
+
 def clear_offload(folder: Path) -> None:
     """Remove the layer files and temporaries a killed run left in ``folder``: a run reads only what it wrote."""
-    stale = sorted(folder.glob("layer-*.safetensors")) + sorted(folder.glob(".layer-*.tmp*")) \
-        if folder.is_dir() else []
+    stale = _layer_files(folder)
     if stale:
         log.info("streaming: removing %d layer file(s) left in %s by an earlier run", len(stale), folder)
     for path in stale:
         path.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def remove_offload(folder: Path) -> None:
+    """Remove a run's offloaded layers, then the folder if that left it empty."""
+    for path in _layer_files(folder):
+        path.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # missing, or holding files that are not ours
+        pass
 
 
 def attach(model: nn.Module, store: StreamedLayers) -> None:
