@@ -233,13 +233,14 @@ def test_an_offloaded_layer_changed_on_disk_is_not_used(data, tmp_path):
 
 def test_run_py_streamed_gives_the_in_memory_results(tmp_path):
     for name, extra in (("memory", []), ("streamed", ["engine.stream=true"])):
-        run_py(tmp_path / name, *TINY, "compressor=gptq", "compressor.groupsize=32", *extra)
+        run_py(tmp_path / name, *TINY, "compressor=gptq", "compressor.groupsize=32", "force=true", *extra)
     a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("memory", "streamed"))
     assert a["experiment_id"] == b["experiment_id"]  # stream changes no number
     assert a["languages"] == b["languages"] and a["summary"] == b["summary"]
     assert without_seconds(a["compression"]["layers"]) == without_seconds(b["compression"]["layers"])
     assert a["similarity"] == b["similarity"]
     assert b["compression"]["stream"] is True and "stream" not in a["compression"]
+    assert a["dense_baseline"]["perplexity"] == b["dense_baseline"]["perplexity"] == "computed"
     assert not (tmp_path / "streamed" / "offload").exists()  # removed once the compressed layers were evaluated
 
 
