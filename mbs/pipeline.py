@@ -39,12 +39,12 @@ from mbs.fingerprint import (experiment_id, numeric_environment, source_fingerpr
 from mbs.evaluate import perplexity as perplexity_module
 from mbs.evaluate.baseline import DenseResults
 from mbs.evaluate.perplexity import LanguageLoss, language_bytes
+from mbs.evaluate import streamed as streamed_module
+from mbs.evaluate.streamed import evaluate_streamed
 from mbs.evaluate.suites import missing, resolve_tasks
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
 from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
-from mbs.evaluate import streamed as streamed_module
-from mbs.evaluate.streamed import evaluate_streamed
 from mbs.models import streaming as streaming_module
 from mbs.models.loading import (check_positions, load_model, load_streamed, load_tokenizer, model_cache, model_config,
                                 model_skeleton)
@@ -196,7 +196,8 @@ def choose_streaming(run: Run, memory: MemoryPlan, analysis_layers: list[int]) -
     if cap is not None and memory.streamed > cap:
         raise ValueError(f"engine.max_memory={engine.max_memory} is below the least a run of {name} needs even "
                          f"streamed: {gb(memory.streamed)} ({memory.streamed_parts()}); allow at least "
-                         f"{gb(memory.streamed)}, or use fewer calibration segments or evaluation windows")
+                         f"{gb(memory.streamed)}, or use fewer evaluation windows (eval.max_windows) or calibration "
+                         f"segments (sampler.segments)")
     stream = engine.stream or (cap is not None and memory.in_memory > cap)
     if not stream:
         return False

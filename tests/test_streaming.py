@@ -18,7 +18,7 @@ from mbs.fingerprint import weights_fingerprint
 from mbs.models.adapter import Adapter
 from mbs.models.loading import load_model, load_streamed
 from mbs.models.spec import ModelSpec
-from mbs.models.streaming import LAYER_FILE, is_streamed, layer_store
+from mbs.models.streaming import LAYER_FILE, gb, is_streamed, layer_store
 
 TINY = ["model=tiny-llama", "sampler.segments=12", "eval.languages=[en,sw,fr]", "eval.max_windows=2",
         "logger=none", "progress=false"]
@@ -304,7 +304,7 @@ def test_a_cap_below_one_layer_and_the_activations_fails_before_the_model_loads(
         mbs.pipeline.run(cfg, tmp_path / "run")
     message = str(err.value)
     assert "\n" not in message and f"engine.max_memory={least - 1}B is below the least" in message
-    assert f"allow at least {least / 1e9:.2f} GB" in message and "largest decoder layer" in message
+    assert f"allow at least {gb(least)}" in message and "largest decoder layer" in message
     assert not (tmp_path / "run" / "results.json").exists()
 
 

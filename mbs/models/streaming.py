@@ -329,7 +329,8 @@ class MemoryPlan:
 
 
 def gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB"
+    """A size in GB (MB below 1 GB), as engine.max_memory takes it."""
+    return f"{size / 1e9:.2f} GB" if size >= 10**9 else f"{size / 1e6:.1f} MB"
 
 
 def memory_plan(skeleton: nn.Module, layers: nn.ModuleList, itemsize: int, calibration_tokens: int,
