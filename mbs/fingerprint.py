@@ -21,13 +21,15 @@ from torch import nn
 
 from mbs.cache import file_digest
 from mbs.data.corpora import SPLITS
+from mbs.models.streaming import streamed_tensor
 
 ID_VERSION = 2  # bump when results of the same config stop being comparable (a metric's definition changes)
 # Keys that do not change results: logging, progress bars, resume control, where files wait or are cached, a
 # reporting threshold that the report recomputes from the rows anyway, a gate that refuses runs, where the
 # checkpoint is pushed, and the predicted-damage report (it adds a prediction, it changes no measured number).
 NON_RESULT_KEYS = ("hydra", "logger", "progress", "force", "dry_run", "push_to_hub", "model.cache_dir",
-                   "engine.offload_device", "eval.low_resource_share", "calibration_max_repeats", "risk")
+                   "engine.offload_device", "eval.low_resource_share", "calibration_max_repeats", "risk",
+                   "engine.stream", "engine.max_memory")  # streamed and in-memory runs give the same numbers (tested)
 
 
 def _with_types(node: Any) -> Any:
@@ -162,10 +164,13 @@ def _files(pattern: str) -> list[Path]:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """xxh3-128 of every parameter and buffer (name, dtype, shape, bytes): any changed weight changes it."""
+    """xxh3-128 of every parameter and buffer (name, dtype, shape, bytes): any changed weight changes it. A streamed
+    model's layers are read from its checkpoint one tensor at a time, so it gets the fingerprint the same model has
+    in memory (mbs/models/streaming.py)."""
+    value = streamed_tensor(model)
     digest = xxhash.xxh3_128()
     for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
-        t = tensor.detach().to("cpu").contiguous()
+        t = value(name, tensor).detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

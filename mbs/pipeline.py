@@ -39,12 +39,16 @@ from mbs.fingerprint import (experiment_id, numeric_environment, source_fingerpr
 from mbs.evaluate import perplexity as perplexity_module
 from mbs.evaluate.baseline import DenseResults
 from mbs.evaluate.perplexity import LanguageLoss, language_bytes
+from mbs.evaluate import streamed as streamed_module
+from mbs.evaluate.streamed import evaluate_streamed
 from mbs.evaluate.suites import missing, resolve_tasks
 from mbs.evaluate.zeroshot import ZeroShot, compare, harness_version, prepare_zeroshot
 from mbs.models import adapter as adapter_module
 from mbs.models.adapter import Adapter
-from mbs.models.loading import (check_positions, load_model, load_tokenizer, model_cache, model_config,
+from mbs.models import streaming as streaming_module
+from mbs.models.loading import (check_positions, load_model, load_streamed, load_tokenizer, model_cache, model_config,
                                 model_skeleton)
+from mbs.models.streaming import MemoryPlan, gb, layer_store, memory_plan, remove_offload
 from mbs.record.card import model_card, push, write_card
 from mbs.record.export import check_export, quantizes
 from mbs.record.identity import identity, provenance
@@ -120,6 +124,8 @@ class Prepared:
     risk_skipped: str | None = None  # why risk.predict=true cannot predict this compression's damage
     prompts: dict[str, list[int]] = field(default_factory=dict)  # data=self: each language's generation prompt
     generated: dict[str, Any] | None = None  # data=self: settings, cache entries and language check (after generation)
+    stream: bool = False  # decoder layers read from disk for their turn (engine.stream, or engine.max_memory)
+    memory: MemoryPlan | None = None  # bytes the run holds at its peak, in memory and streamed
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -164,12 +170,57 @@ def prepare(cfg: DictConfig) -> Prepared:
                                     run.data if isinstance(run.data, UDHRCorpus) else None, run.seed)
         seed_everything(run.seed)
         data = prepare_data(run, counts, tokenizer or load_tokenizer(spec), analysis_layers)
+        memory, stream = None, False
+        if run.engine.stream or run.engine.max_memory is not None:
+            segments = data.calibration.total if data.calibration is not None else sum(counts.values())
+            memory = memory_plan(skeleton, Adapter(skeleton).layers, getattr(torch, spec.dtype).itemsize,
+                                 segments * data.text.seqlen,
+                                 sum(w.numel() for ws in data.windows.values() for w in ws))
+            stream = choose_streaming(run, memory, analysis_layers)
     except ValueError as err:
         raise UserError(str(err)) from err
     return Prepared(run, counts, data.tokenizer, data.calibration, data.windows, data.probe, analysis_layers,
                     {"data_s": time.perf_counter() - t0}, identity(cfg), zeroshot, data.source, data.window_bytes,
                     similarity_skipped, data.text, sum(p.numel() for p in skeleton.parameters()),
-                    getattr(getattr(skeleton, "config", None), "hidden_size", None), risk_skipped, data.prompts)
+                    getattr(getattr(skeleton, "config", None), "hidden_size", None), risk_skipped, data.prompts,
+                    stream=stream, memory=memory)
+
+
+def choose_streaming(run: Run, memory: MemoryPlan, analysis_layers: list[int]) -> bool:
+    """Whether the run streams its decoder layers from disk: ``engine.stream=true``, or an ``engine.max_memory``
+    that the model's weights and calibration activations would not fit in. A cap below what even a streamed run
+    holds, or a streamed run asked for what streaming cannot do yet, is refused in one line (before the model
+    loads)."""
+    engine, name = run.engine, run.model.name
+    cap = engine.max_memory_bytes
+    if cap is not None and memory.streamed > cap:
+        raise ValueError(f"engine.max_memory={engine.max_memory} is below the least a run of {name} needs even "
+                         f"streamed: {gb(memory.streamed)} ({memory.streamed_parts()}); allow at least "
+                         f"{gb(memory.streamed)}, or use fewer evaluation windows (eval.max_windows) or calibration "
+                         f"segments (sampler.segments)")
+    stream = engine.stream or (cap is not None and memory.in_memory > cap)
+    if not stream:
+        return False
+    why = ("engine.stream=true" if engine.stream else
+           f"{name} needs {gb(memory.in_memory)} in memory (weights and calibration activations), more than "
+           f"engine.max_memory={engine.max_memory}, so its layers are streamed from disk")
+    unsupported = [
+        (engine.mode != "sequential", f"engine.mode={engine.mode}", "use engine.mode=sequential"),
+        (run.risk.predict, "risk.predict=true", "set risk.predict=false"),
+        (run.save_model, "save_model=true (or push_to_hub)", "set save_model=false"),
+        (bool(run.eval.tasks or run.eval.suites), "zero-shot tasks (eval.tasks, eval.suites)",
+         "drop the tasks"),
+        (isinstance(run.data, SelfCorpus), "data=self", "calibrate on a corpus"),
+        (bool(analysis_layers) and similarity.STATISTICS[run.analysis.statistic].source == "residual",
+         f"analysis.statistic={run.analysis.statistic}", "use a non-residual statistic or analysis.layers=[]"),
+    ]
+    for refused, what, fix in unsupported:
+        if refused:
+            raise ValueError(f"{why}, and a streamed run cannot take {what} yet; {fix}"
+                             f"{'' if engine.stream else ', or raise engine.max_memory'}")
+    if not engine.stream:
+        log.info("streaming: %s (at least %s)", why, gb(memory.streamed))
+    return True
 
 
 @dataclass
@@ -224,6 +275,7 @@ def prepare_data(run: Run, counts: dict[str, int], tokenizer: Any, analysis_laye
 
 
 SELF_CALIBRATION_FILE = "calibration_self.jsonl"
+OFFLOAD_DIR = "offload"  # <run dir>/offload: a streamed run's compressed layers until they are evaluated
 
 
 def self_calibration(model: nn.Module, prepared: Prepared, dense_results: DenseResults, output_dir: Path
@@ -289,11 +341,16 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
     start, started = time.perf_counter(), time.time() - timings["data_s"]
     with timed(timings, "load_s"):
         try:
-            model = load_model(spec, seed=run.seed)
+            model = (load_streamed(spec, output_dir / OFFLOAD_DIR, run.seed, run.engine.offload_device)
+                     if prepared.stream else load_model(spec, seed=run.seed))
         except ValueError as err:  # a checkpoint the loader refused (mbs/models/loading.py): one line naming it
             raise UserError(str(err)) from err
 
     def evaluate() -> dict:
+        if prepared.stream:
+            return evaluate_streamed(model, prepared.windows, run.engine.device, run.engine.offload_device,
+                                     batch_size=run.eval.batch_size, chunk_tokens=run.eval.chunk_tokens,
+                                     progress=run.progress, window_bytes=prepared.window_bytes, dtype=run.eval.dtype)
         return perplexity(model, prepared.windows, device=run.engine.device, batch_size=run.eval.batch_size,
                           chunk_tokens=run.eval.chunk_tokens, progress=run.progress,
                           window_bytes=prepared.window_bytes, dtype=run.eval.dtype)
@@ -304,15 +361,17 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
         with timed(timings, "generate_s"):
             prepared.calibration, prepared.generated = self_calibration(model, prepared, dense_results, output_dir)
     with timed(timings, "eval_dense_s"):
-        dense, baseline = dense_perplexity(dense_results, evaluate, model, prepared.windows, run, prepared.window_bytes)
+        dense, baseline = dense_perplexity(dense_results, evaluate, model, prepared.windows, run, prepared.window_bytes,
+                                           prepared.stream)
     if zeroshot:
         with timed(timings, "zeroshot_dense_s"):
             zeroshot_dense = zeroshot.evaluate(model, prepared.tokenizer, spec.prepend_bos, run.progress)
-    model.to(run.engine.offload_device)
+    if not prepared.stream:  # a streamed model's layers are on disk already; its outer modules on offload_device
+        model.to(run.engine.offload_device)
     language_similarity = None
     if prepared.probe is not None:  # on the dense model, before compression
         with timed(timings, "similarity_s"):
-            vectors, baseline["similarity"] = dense_similarity(dense_results, model, prepared, run)
+            vectors, baseline["similarity"] = dense_similarity(dense_results, model, prepared, run, prepared.stream)
             language_similarity = similarity.similarity_record(
                 vectors, list(run.analysis.layers), prepared.counts, prepared.probe, run.analysis, run.data.name,
                 list(run.eval.languages))
@@ -335,6 +394,8 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
             card.write(None)  # says the evaluation did not finish, until the results replace it
     with timed(timings, "eval_compressed_s"):
         compressed = evaluate()
+    if prepared.stream:  # the compressed layers were evaluated: their offloaded copies are not kept
+        layer_store(model).remove()
     zeroshot_record = None
     if zeroshot:
         with timed(timings, "zeroshot_compressed_s"):
@@ -424,6 +485,8 @@ def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list
                      "zeros": report.zeros, "params": report.params, "layers": report.layers,
                      "uncalibrated": report.uncalibrated,  # MoE experts no calibration token reached: left as is
                      "mode": run.engine.mode,  # sequential, or cached: non-sequential from cached statistics
+                     # decoder layers streamed from disk (engine.stream, engine.max_memory): the same numbers
+                     **({"stream": True} if prepared.stream else {}),
                      **({"statistics_blocks": report.statistics_blocks} if report.statistics_blocks else {}),
                      # layer_sparsity=owl: outlier ratios, target sparsity per layer, zeros planned (exact globally)
                      **({"layer_profile": report.profile} if report.profile else {})},
@@ -438,13 +501,15 @@ def run_result(cfg: DictConfig, prepared: Prepared, model: nn.Module, rows: list
 
 def dense_perplexity(dense_results: DenseResults, evaluate: Callable[[], dict[str, LanguageLoss]], model: nn.Module,
                      windows: dict[str, list[torch.Tensor]], run: Run,
-                     window_bytes: dict[str, list[int]] | None = None) -> tuple[dict[str, LanguageLoss], dict]:
+                     window_bytes: dict[str, list[int]] | None = None, stream: bool = False
+                     ) -> tuple[dict[str, LanguageLoss], dict]:
     """The dense per-language perplexity, from the cache when this model's weights were evaluated on these very
     windows with these settings and code before. The cache holds the NLL and token count; the bytes (for bits per
     byte) are the windows' own, ``window_bytes``, taken afresh in every run since they depend on the text only."""
     key = {"windows": tokens_fingerprint(windows), "dtype": str(next(model.parameters()).dtype),
            "device": run.engine.device, "batch_size": run.eval.batch_size, "chunk_tokens": run.eval.chunk_tokens,
-           "eval_dtype": run.eval.dtype, "code": source_fingerprint(perplexity_module, adapter_module)}
+           "eval_dtype": run.eval.dtype, "code": source_fingerprint(perplexity_module, adapter_module),
+           **streamed_key(stream, streamed_module)}
     value, source, entry = dense_results.get(
         "perplexity", key, lambda: {k: [v.nll, v.tokens] for k, v in evaluate().items()})
     log.info("dense perplexity: %s (%s)", source, entry)
@@ -452,13 +517,20 @@ def dense_perplexity(dense_results: DenseResults, evaluate: Callable[[], dict[st
              for k, (nll, tokens) in value.items()}, {"perplexity": source, "perplexity_entry": entry})
 
 
-def dense_similarity(dense_results: DenseResults, model: nn.Module, prepared: Prepared, run: Run
+def streamed_key(stream: bool, *modules: Any) -> dict[str, str]:
+    """A streamed computation's part of a cache key: its own code (an in-memory key is left as it was, so streamed
+    and in-memory entries are computed separately, though their numbers are equal)."""
+    return {"stream": source_fingerprint(streaming_module, *modules)} if stream else {}
+
+
+def dense_similarity(dense_results: DenseResults, model: nn.Module, prepared: Prepared, run: Run, stream: bool = False
                      ) -> tuple[dict[int, dict[str, torch.Tensor]], str]:
     """The similarity probe's activation vectors of the dense model, from the cache when computed before."""
     kind = similarity.STATISTICS[run.analysis.statistic].source
     key = {"probe": tokens_fingerprint(prepared.probe.segments), "layers": prepared.analysis_layers,
            "source": kind, "device": run.engine.device, "batch_size": run.engine.batch_size,
-           "code": source_fingerprint(similarity, engine_module, statistics_module, adapter_module)}
+           "code": source_fingerprint(similarity, engine_module, statistics_module, adapter_module),
+           **streamed_key(stream)}
 
     def compute() -> dict:
         vectors = similarity.language_vectors(model, prepared.probe, prepared.analysis_layers, run.engine, kind)
@@ -490,6 +562,12 @@ def plan_text(prepared: Prepared) -> str:
              f"(engine.offload_device={run.engine.offload_device})",
              f"calibration: {total} segments x {text.seqlen} tokens = {total * text.seqlen:,} tokens; {source}: "
              f"{per_language}"]
+    memory = prepared.memory
+    if memory is not None and (run.engine.stream or run.engine.max_memory is not None):
+        lines.append(f"memory: {gb(memory.in_memory)} in memory (weights and calibration activations), at least "
+                     f"{gb(memory.streamed)} streamed ({memory.streamed_parts()}); this run "
+                     + ("streams its decoder layers from disk, writing the compressed ones to <run dir>/offload "
+                        "until they are evaluated" if prepared.stream else "keeps the model in memory"))
     if text.reason:
         lines.append(f"calibration segments shortened: {text.reason}")
     if text.warning():
@@ -547,6 +625,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                                     ) from err
     except BaseException:
         logger.finish(failed=True)
+        if prepared.stream:  # a streamed run's compressed layers are of no use once it failed
+            remove_offload(output_dir / OFFLOAD_DIR)
         raise
     try:
         logger.finish()

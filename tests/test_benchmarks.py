@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
     ("quantizers.py", ["--methods", "awq,rtn", "--bits", "3", "--calibrations", "english,uniform", "--max-windows", "2"],
      ["| awq | 3 | english |", "| awq | 3 | uniform |", "| rtn | 3 | any |", "| language | awq 3b english"]),
     ("damage_prediction.py", ["--mixtures", "english,sw only"], ["| english | 5 |", "| sw only | 5 |", "risk records"]),
+    ("streaming_memory.py", [], ["| 4 | 0M | 0.00 GB | streamed |", "4 layers: streamed perplexities bit-identical to "
+                                 "in-memory: True"]),
 ])
 def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], cwd=ROOT,

@@ -134,6 +134,7 @@ class SimilarityProbe(Compressor):
     """Statistics only: the engine's pass collects per-language ColumnSquares; no weight is changed."""
 
     needs_statistics: ClassVar[bool] = True
+    edits_weights: ClassVar[bool] = False
 
     def new_statistic(self, module: nn.Linear) -> ColumnSquares:
         return ColumnSquares(module.in_features, module.weight.device)

@@ -33,6 +33,8 @@ class Compressor:
     needs_statistics: ClassVar[bool] = False
     # True: the engine hands each dense layer and its calibration inputs to prepare_layer before compress (AWQ)
     needs_layer_inputs: ClassVar[bool] = False
+    # False: compress() edits no weight (a statistics probe); a streamed model's layers are then not written back
+    edits_weights: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass's ``__post_init__`` first checks the types of the scalar fields, so that

@@ -10,6 +10,10 @@
    no token reached is left as is and reported); the layer is re-run so the next layer sees compressed outputs; the
    layer goes back to the offload device.
 
+Where a layer waits between its turns is the model's layer store (mbs/models/streaming.py): in memory by default, or,
+with ``engine.stream``, on disk (read from the checkpoint for its turn, written to an offload folder once compressed);
+the loop calls ``fetch`` and ``release`` around each turn and is the same either way.
+
 A non-uniform layer sparsity (``compressor.layer_sparsity=owl``) needs every layer's figure before the first layer is
 compressed: :func:`dense_profile` first walks the dense layers once (the same statistics forwards on the calibration
 inputs, each layer's dense outputs feeding the next, as the OWL reference does), then the pass above runs as usual.
@@ -26,7 +30,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -36,6 +40,7 @@ from mbs.compress.registry import PIPELINES, register_pipeline
 from mbs.compress.step import compress_layer, layer_record
 from mbs.data.calibration import ALL_LANGUAGES, CalibrationSet, SegmentSource
 from mbs.models.adapter import Adapter
+from mbs.models.streaming import layer_store
 
 if TYPE_CHECKING:
     from mbs.cache import Cache
@@ -54,8 +59,15 @@ class EngineConfig:
     per_language_statistics: bool = False  # keep one statistic per language (else one for all) for observers
     mode: str = "sequential"  # a registered pipeline; "cached": non-sequential, from cached per-language statistics
     statistics_pool: int = 0  # cached mode: segments forwarded per language at most (0: all the mixture's, exactly)
+    # read each decoder layer from disk for its turn only (mbs/models/streaming.py); also chosen when max_memory is set
+    # and the model's weights and activations would not fit in it
+    stream: bool = False
+    max_memory: Optional[str] = None  # memory the run may use, e.g. "8GB" or "512MiB"; None: no cap
 
     def __post_init__(self) -> None:
+        if not isinstance(self.stream, bool):
+            raise ValueError(f"engine.stream={self.stream!r} is not a boolean; allowed: true or false")
+        self.max_memory_bytes = parse_size(self.max_memory, "engine.max_memory")
         if self.mode not in PIPELINES:
             raise ValueError(f"engine.mode={self.mode!r} is not a mode; allowed: {', '.join(PIPELINES)}")
         if self.statistics_pool < 0:
@@ -72,6 +84,25 @@ class EngineConfig:
             value = getattr(self, key)
             if not isinstance(value, str) or not DEVICE.fullmatch(value):
                 raise ValueError(f"engine.{key}={value!r} is not a device; allowed: cpu, cuda, cuda:N, mps, xpu, xpu:N")
+
+
+SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b)\s*", re.IGNORECASE)
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+
+
+def parse_size(value: Any, key: str) -> int | None:
+    """Bytes of a size such as "8GB" (10^9), "7.5GiB" (2^30) or "512MB"; None stays None (no cap)."""
+    if value is None:
+        return None
+    match = SIZE.fullmatch(str(value)) if isinstance(value, str) else None
+    if match is None or match.group(2).lower() not in UNITS:
+        raise ValueError(f"{key}={value!r} is not a size; allowed: a number with a unit (B, KB, MB, GB, TB, or KiB, "
+                         f"MiB, GiB, TiB), e.g. 8GB, or null for no cap")
+    size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"{key}={value!r} must be more than 0 bytes (null: no cap)")
+    return size
 
 
 # settings read by one engine.mode only (the other ignores them)
@@ -115,6 +146,7 @@ class Captured:
     inputs: list[torch.Tensor]
     layer_kwargs: list[list[dict[str, Any]]]  # [layer][batch]
     languages: list[str]
+    sample: Any = None  # one real output of layer 0: what a layer returns (a tensor, or BLOOM's tuple)
 
 
 @dataclass
@@ -153,9 +185,12 @@ def _to(value: Any, device: torch.device | str) -> Any:
 
 
 @torch.no_grad()
-def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: torch.device | str) -> Captured:
-    """Record what every decoder layer is called with, running only layer 0, once, to learn what a layer returns."""
+def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: torch.device | str,
+            dtype: torch.dtype | None = None) -> Captured:
+    """Record what every decoder layer is called with, running only layer 0, once, to learn what a layer returns
+    (``dtype``: the one a streamed layer is read in for it, when not the model's; mbs/evaluate/streamed.py)."""
     layers = adapter.layers
+    store = layer_store(adapter.model)
     adapter.move_outer(device)
     per_layer: list[list[dict[str, Any]]] = [[] for _ in layers]
     inputs: list[torch.Tensor] = []
@@ -167,7 +202,7 @@ def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: t
             if index == 0:
                 inputs.append(hidden_states)
                 if not sample:
-                    sample.append(_real_output(layers[0], hidden_states, kwargs))
+                    sample.append(_real_output(layers[0], hidden_states, kwargs, store, dtype))
             per_layer[index].append(kwargs)
             if index == len(layers) - 1:
                 raise _StopForward
@@ -186,17 +221,18 @@ def capture(adapter: Adapter, batches: list[tuple[str, torch.Tensor]], device: t
     finally:
         for layer in layers:
             del layer.forward
-    return Captured(inputs, per_layer, [lang for lang, _ in batches])
+    return Captured(inputs, per_layer, [lang for lang, _ in batches], sample[0] if sample else None)
 
 
-def _real_output(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> Any:
-    """Layer 0's real output for one batch (the layer visits the batch's device for it)."""
-    home = next(layer.parameters()).device
-    layer.to(hidden_states.device)
+def _real_output(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any], store: Any,
+                 dtype: torch.dtype | None = None) -> Any:
+    """Layer 0's real output for one batch (the layer visits the batch's device for it, and goes back where it was)."""
+    home = next((t.device for t in (*layer.parameters(), *layer.buffers()) if not t.is_meta), torch.device("cpu"))
+    store.fetch(0, layer, hidden_states.device, dtype)
     try:
         return type(layer).forward(layer, hidden_states, **kwargs)
     finally:
-        layer.to(home)
+        store.release(0, layer, home, changed=False)
 
 
 @torch.no_grad()
@@ -321,8 +357,9 @@ def dense_profile(adapter: Adapter, compressor: Compressor, captured: Captured, 
     figures: list[float] = []
     modules: list[dict[str, int]] = []
     probe = _ColumnSquaresProbe()
+    store = layer_store(adapter.model)
     for i, layer in enumerate(adapter.layers):
-        layer.to(device)
+        store.fetch(i, layer, device)
         linears = adapter.linears(layer)
         stats, leader = collect_statistics(layer, adapter, probe, hidden, captured.layer_kwargs[i],
                                            captured.languages, per_language=False)
@@ -331,7 +368,7 @@ def dense_profile(adapter: Adapter, compressor: Compressor, captured: Captured, 
         modules.append({f"{full[id(layer)]}.{name}": m.weight.numel() for name, m in linears.items()})
         if i + 1 < len(adapter.layers):
             hidden = run_layer(layer, adapter, hidden, captured.layer_kwargs[i])
-        layer.to(config.offload_device)
+        store.release(i, layer, config.offload_device, changed=False)
     return compressor.plan(figures, modules)
 
 
@@ -370,9 +407,12 @@ def module_names(model: nn.Module) -> dict[int, str]:
 def compress_model(model: nn.Module, compressor: Compressor, calibration: CalibrationSet, config: EngineConfig,
                    observer: StatisticsObserver | None = None, progress: bool = True) -> CompressionReport:
     """Compress every decoder layer in place, in order, each on the calibration data as the compressed earlier
-    layers transform it. Embeddings and the LM head are never touched."""
+    layers transform it. Embeddings and the LM head are never touched. Each layer is fetched for its turn and
+    released after it by the model's layer store (mbs/models/streaming.py: moved to ``config.device`` and back, or,
+    for a streamed model, read from disk and, once edited, written to the offload folder)."""
     adapter = Adapter(model)
     layers = adapter.layers
+    store = layer_store(model)
     check_modules(model, compressor)
     check_profile(compressor, model)
     full = module_names(model)
@@ -380,7 +420,9 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
     report = CompressionReport()
     if compressor.is_noop:
         for i, layer in enumerate(layers):
+            store.fetch(i, layer, config.offload_device)
             step = compress_layer(adapter, full[id(layer)], adapter.linears(layer), compressor, {}, {})
+            store.release(i, layer, config.offload_device, changed=False)
             report.layers.append(layer_record(i, 0.0, step.modules, step.shared_inputs))
         return report
 
@@ -405,7 +447,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
             iterator = tqdm(iterator, total=len(layers), desc=f"compress ({type(compressor).__name__})", leave=False)
         for i, layer in iterator:
             t0 = time.perf_counter()
-            layer.to(device)
+            store.fetch(i, layer, device)
             linears = adapter.linears(layer)
             stats, leader, totals = {}, {}, {}
             if captured is not None and compressor.needs_statistics:
@@ -429,7 +471,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
                 captured.inputs = dense_outputs
             elif captured is not None and i + 1 < len(layers):
                 captured.inputs = run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
-            layer.to(config.offload_device)
+            store.release(i, layer, config.offload_device, changed=compressor.edits_weights)
             report.layers.append(layer_record(i, time.perf_counter() - t0, step.modules, step.shared_inputs,
                                               prepared))
     finally:

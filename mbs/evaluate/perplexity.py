@@ -79,6 +79,13 @@ def window_nll(model: nn.Module, adapter: Adapter, windows: torch.Tensor, chunk_
                vocab_slice: int = VOCAB_SLICE) -> tuple[float, int]:
     """Summed next-token NLL over a [batch, length] tensor of windows, and the number of predictions."""
     hidden = model.base_model(input_ids=windows, use_cache=False).last_hidden_state
+    return hidden_nll(adapter, hidden, windows, chunk_tokens, vocab_slice)
+
+
+def hidden_nll(adapter: Adapter, hidden: torch.Tensor, windows: torch.Tensor, chunk_tokens: int,
+               vocab_slice: int = VOCAB_SLICE) -> tuple[float, int]:
+    """Summed next-token NLL of a [batch, length] tensor of windows from their final (normed) hidden states
+    [batch, length, d], the logits formed ``chunk_tokens`` tokens at a time; and the number of predictions."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = windows[:, 1:].reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
@@ -139,18 +146,23 @@ def _evaluate(model: nn.Module, adapter: Adapter, windows: dict[str, list[torch.
 
         items = tqdm(items, desc="evaluate", leave=False)
     for language, language_windows in items:
-        by_length: dict[int, list[torch.Tensor]] = defaultdict(list)
-        for w in language_windows:
-            by_length[w.numel()].append(w)
         nll, tokens = 0.0, 0
-        for same in by_length.values():
-            for i in range(0, len(same), batch_size):
-                batch = torch.stack(same[i : i + batch_size]).to(device)
-                batch_nll, batch_tokens = window_nll(model, adapter, batch, chunk_tokens, vocab_slice)
-                nll += batch_nll
-                tokens += batch_tokens
+        for batch in language_batches(language_windows, batch_size):
+            batch_nll, batch_tokens = window_nll(model, adapter, batch.to(device), chunk_tokens, vocab_slice)
+            nll += batch_nll
+            tokens += batch_tokens
         results[language] = LanguageLoss(nll, tokens, language_bytes(window_bytes, language, language_windows))
     return results
+
+
+def language_batches(windows: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """A language's windows in the batches they are evaluated in: equal lengths together, ``batch_size`` at most
+    (the last, shorter window of a language runs on its own, so no padding enters the loss)."""
+    by_length: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for w in windows:
+        by_length[w.numel()].append(w)
+    return [torch.stack(same[i : i + batch_size]) for same in by_length.values()
+            for i in range(0, len(same), batch_size)]
 
 
 def language_bytes(window_bytes: Mapping[str, Sequence[int]] | None, language: str, windows: Sequence[torch.Tensor]

@@ -180,19 +180,88 @@ def _load_model(spec: ModelSpec, seed: int) -> nn.Module:
 
         model = tiny_model(spec.tiny_arch, spec.tiny_config, seed=seed, dtype=dtype)
     elif spec.source == "gguf_package":
-        # GGUF tensors are de-quantized on load (slow); keep a safetensors copy so later runs load in seconds.
-        built: dict[str, nn.Module] = {}
-
-        def convert(directory: Path) -> None:
-            built["model"] = _convert(spec, dtype, directory)
-
-        converted = model_cache(spec).entry(_converted_name(spec), convert, f"converted model {spec.name}")
-        model = built["model"] if "model" in built else AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+        converted, built = _converted(spec, dtype)
+        model = built if built is not None else AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     else:
         model = _checkpoint(spec, dtype)
     model.eval()
     model.requires_grad_(False)
     set_layers_path(model, spec.layers_path)
+    return model
+
+
+def _converted(spec: ModelSpec, dtype: torch.dtype) -> tuple[Path, nn.Module | None]:
+    """The GGUF package's safetensors copy in the cache (GGUF tensors are de-quantized on load, slowly: later runs
+    load the copy in seconds), and the model when this call built it (else None)."""
+    built: dict[str, nn.Module] = {}
+
+    def convert(directory: Path) -> None:
+        built["model"] = _convert(spec, dtype, directory)
+
+    converted = model_cache(spec).entry(_converted_name(spec), convert, f"converted model {spec.name}")
+    return converted, built.get("model")
+
+
+def weights_directory(spec: ModelSpec, seed: int = 0) -> Path:
+    """The directory of safetensors files the model's weights are read from, for streaming: the GGUF default's
+    converted copy (mbs/cache.py), a local directory, a hub model's snapshot in the Hugging Face cache, or a tiny
+    model written once into the cache (keyed by its architecture, config, seed and dtype)."""
+    if spec.source == "gguf_package":
+        return _converted(spec, torch_dtype(spec.dtype))[0]
+    if spec.source == "tiny":
+        import hashlib
+        import json
+
+        from mbs.models.tiny import tiny_model
+
+        key = json.dumps([spec.tiny_arch, dict(spec.tiny_config), seed, spec.dtype], sort_keys=True, default=str)
+        name = f"tiny-weights/{spec.tiny_arch}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+        def write(directory: Path) -> None:
+            tiny_model(spec.tiny_arch, spec.tiny_config, seed=seed, dtype=torch_dtype(spec.dtype)).save_pretrained(
+                directory)
+
+        return model_cache(spec).entry(name, write, f"tiny model {spec.name} (seed {seed})")
+    local = Path(spec.path).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec.path, revision=spec.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated: said in one line
+        raise ValueError(f"could not find the safetensors weights of {spec.path!r} ({type(err).__name__}); point "
+                         f"model.path at a local copy") from err
+
+
+def load_streamed(spec: ModelSpec, offload: Path, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """The model for ``engine.stream=true``: its skeleton with embeddings, final norm and head read onto ``device``
+    and every decoder layer left without weights, read from the checkpoint for its turn (mbs/models/streaming.py);
+    compressed layers are written to ``offload``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mbs.models.adapter import Adapter
+    from mbs.models.streaming import Checkpoint, StreamedLayers, attach, materialise, parameters_on_meta, slots
+
+    dtype = torch_dtype(spec.dtype)
+    directory = weights_directory(spec, seed)
+    checkpoint = Checkpoint(directory)
+    with _no_loading_bar(), parameters_on_meta():
+        if spec.source == "tiny":  # built as load_model builds it (its buffers in the same dtype)
+            from mbs.models.tiny import tiny_model
+
+            model = tiny_model(spec.tiny_arch, spec.tiny_config, seed=seed, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    set_layers_path(model, spec.layers_path)
+    layers = Adapter(model).layers
+    store = StreamedLayers(model, layers, checkpoint, offload)
+    outer = slots(model, skip={id(layers)})
+    materialise(outer, store.tensor, lambda name: store.dtypes[name], device)
+    attach(model, store)
     return model
 
 
