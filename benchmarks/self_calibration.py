@@ -237,7 +237,7 @@ def figure(jobs: dict, methods: list[str], mixtures: list[str], seeds: list[int]
         ax.grid(True, which="major", alpha=0.3)
     lo, hi = axes[0][0].get_ylim()
     _ratio_axis(axes[0][0], lo, hi)
-    axes[0][0].set_ylabel("compressed perplexity, self-calibrated / UDHR-calibrated")
+    axes[0][0].set_ylabel("compressed perplexity: self / UDHR calib.")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(mixtures), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
