@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
      ["| wanda+owl | 70% |", "wanda+owl vs wanda at 70%, low-resource", "figure and runs"]),
     ("quantizers.py", ["--methods", "awq,rtn", "--bits", "3", "--calibrations", "english,uniform", "--max-windows", "2"],
      ["| awq | 3 | english |", "| awq | 3 | uniform |", "| rtn | 3 | any |", "| language | awq 3b english"]),
+    ("self_calibration.py", ["--seeds", "0", "--methods", "wanda", "--mixtures", "mbs"],
+     ["| Wanda 50% | mbs | self |", "| Wanda 50% | mbs | udhr |", "Spearman between dense perplexity", "figure and runs"]),
     ("damage_prediction.py", ["--mixtures", "english,sw only"], ["| english | 5 |", "| sw only | 5 |", "risk records"]),
     ("streaming_memory.py", [], ["| 4 | 0M | 0.00 GB | streamed |", "4 layers: streamed perplexities bit-identical to "
                                  "in-memory: True"]),
