@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from resumable import geomean, run_or_resume  # noqa: E402
+from resumable import geomean, run_or_resume, subset  # noqa: E402
 
 METHODS = {
     "wanda": ["compressor=wanda"],
@@ -48,10 +48,7 @@ def main() -> None:
                         help="directory for the figure and the runs' JSON (default: a temporary one, printed); "
                              "runs already in <out>/runs are read, not run again")
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
+    methods = subset(args.methods, METHODS, "--methods")
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 

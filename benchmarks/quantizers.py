@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from resumable import run_or_resume  # noqa: E402
+from resumable import run_or_resume, subset  # noqa: E402
 
 METHODS = {"awq": ["compressor=awq"], "gptq": ["compressor=gptq"], "rtn": ["compressor=rtn", "compressor.groupsize=128"]}
 DATA_FREE = {"rtn"}  # one run per bit width: the calibration changes nothing
@@ -40,11 +40,8 @@ def main() -> None:
                         help="directory for the runs' JSON (default: a temporary one, printed); runs already in "
                              "<out>/runs are read, not run again")
     args = parser.parse_args()
-    methods, calibrations = args.methods.split(","), args.calibrations.split(",")
-    for given, allowed, flag in ((methods, METHODS, "--methods"), (calibrations, CALIBRATIONS, "--calibrations")):
-        unknown = [m for m in given if m not in allowed]
-        if unknown:
-            raise SystemExit(f"{flag}: unknown {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    methods = subset(args.methods, METHODS, "--methods")
+    calibrations = subset(args.calibrations, CALIBRATIONS, "--calibrations")
     bits = [int(b) for b in args.bits.split(",")]
 
     import mbs

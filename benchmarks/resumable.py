@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any
 
 
+def subset(text: str, allowed: dict | list, flag: str) -> list[str]:
+    """The comma-separated names of ``text``, each one of ``allowed``; else exit in one line naming the unknown ones."""
+    given = text.split(",")
+    unknown = [name for name in given if name not in allowed]
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return given
+
+
 def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from resumable import geomean, run_or_resume  # noqa: E402
+from resumable import geomean, run_or_resume, subset  # noqa: E402
 
 METHODS = {"wanda": ["compressor=wanda", "compressor.sparsity=0.5"], "gptq": ["compressor=gptq", "compressor.bits=3"]}
 LABELS = {"wanda": "Wanda 50%", "gptq": "GPTQ 3-bit g128"}
@@ -48,11 +48,7 @@ def main() -> None:
                         help="directory for the figure and the runs' JSON (default: a temporary one, printed); runs "
                              "already in <out>/runs are read, not run again")
     args = parser.parse_args()
-    methods, mixtures = args.methods.split(","), args.mixtures.split(",")
-    for given, allowed, flag in ((methods, METHODS, "--methods"), (mixtures, MIXTURES, "--mixtures")):
-        unknown = [m for m in given if m not in allowed]
-        if unknown:
-            raise SystemExit(f"{flag}: unknown {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    methods, mixtures = subset(args.methods, METHODS, "--methods"), subset(args.mixtures, MIXTURES, "--mixtures")
     seeds = [int(s) for s in args.seeds.split(",")]
 
     import mbs
