@@ -119,6 +119,31 @@ def test_degradation_figure_bars_then_heatmap(n, tmp_path):
     assert (tmp_path / "degradation.png").stat().st_size and (tmp_path / "degradation.pdf").stat().st_size
 
 
+@pytest.mark.parametrize("lo, hi", [(0.87, 1.45), (1.1, 1.3), (0.5, 40.0)])
+def test_ratio_axis_labels_every_tick_it_draws(lo, hi):
+    """A narrow ratio range gets round linear labels and no unlabelled log minor ticks between them (a reader took the
+    bare tick below ×1 for a missing label); a wide range gets ×1, ×2, ×5, … decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mbs.record.report import _ratio_axis
+
+    fig, ax = plt.subplots()
+    ax.set_yscale("log")
+    _ratio_axis(ax, lo, hi)
+    fig.canvas.draw()
+    ticks = [v for v in ax.get_yticks() if lo <= v <= hi]
+    labels = {t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi}
+    assert len(ticks) >= 2 and all(label.startswith("×") for label in labels) and len(labels) == len(ticks)
+    if hi / lo < 4:
+        assert not [v for v in ax.yaxis.get_minorticklocs() if lo <= v <= hi]
+    else:
+        assert {"×1", "×2", "×5", "×10"} <= labels
+    plt.close(fig)
+
+
 def test_rows_tables_and_csv_carry_bits_per_byte():
     from mbs.evaluate.perplexity import LanguageLoss
     from mbs.record.results import COLUMNS, language_rows, to_csv

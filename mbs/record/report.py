@@ -171,11 +171,14 @@ def _geomeans(agg: pd.DataFrame, low_resource_share: float) -> dict[str, pd.Seri
 def _ratio_axis(ax, lo: float, hi: float) -> None:
     """A log ratio axis from lo to hi labelled ×1, ×2, ×5, …; over less than a factor 4 (e.g. 4-bit GPTQ at ×1.1-1.3)
     decades give no tick, so ticks are then placed at round linear steps."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
     ax.set_ylim(lo, hi)
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)) if hi / lo >= 4 else
-                               MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    if hi / lo >= 4:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    else:  # the log scale's minor ticks would fall between the linear labels unlabelled (e.g. at ×0.9)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]))
+        ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
