@@ -1,13 +1,16 @@
 """Peak memory and time of one compression and evaluation, in memory against streamed (``engine.stream=true``), on
-random-weight Llama-shaped models of growing depth written to safetensors: in memory the peak grows with the weights,
-streamed it should not. Each measurement runs in its own process (peak RSS, ru_maxrss, is per process); both modes
-read the same checkpoint (in memory with ``from_pretrained``), and their perplexities must be bit-identical.
+random-weight Llama-shaped models written to sharded safetensors: in memory the peak grows with the weights, streamed
+it should not. Each measurement runs in its own process (peak RSS, ru_maxrss, is per process); both modes read the same
+checkpoint (in memory with ``from_pretrained``), and their perplexities must be bit-identical.
 
-    python benchmarks/streaming_memory.py                 # hidden 1024, 8 and 24 layers (bf16: 0.21 and 0.62 GB)
-    python benchmarks/streaming_memory.py --layers 8,48   # deeper
-    python benchmarks/streaming_memory.py --tiny          # seconds: a smoke run of the script
+    python benchmarks/streaming_memory.py                          # hidden 1024, 8 and 24 layers (0.21, 0.62 GB)
+    python benchmarks/streaming_memory.py --sizes 2,4,8 --methods wanda,gptq --modes streamed --cap 3
+    python benchmarks/streaming_memory.py --tiny                   # seconds: a smoke run of the script
 
-Not the issue-25 cgroup benchmark (2/4/8 GB under a 3 GB cap): no cap is imposed here, the peak is only measured.
+``--cap GB`` runs every measurement inside its own cgroup (v1) memory limit, so one that needs more is killed by the
+kernel and reported so; it needs root and ``/sys/fs/cgroup/memory``. The cgroup's own peak, printed beside peak RSS,
+counts what is charged to it: the process's own memory and the page cache it brings in (checkpoint and offload pages);
+pages other processes cached first (shared libraries) are charged to them, so it can be below the RSS.
 """
 from __future__ import annotations
 
@@ -33,8 +36,64 @@ def spec_of(args: argparse.Namespace, layers: int):
                      dtype="bfloat16", seqlen=64, prepend_bos=True)
 
 
-def measure(args: argparse.Namespace, layers: int, mode: str) -> dict:
-    """One compression (Wanda 50%) and evaluation in this process: peak RSS, seconds and the per-language NLL."""
+def layer_parameters(hidden: int) -> int:
+    """Parameters of one decoder layer of :func:`spec_of`'s shape (attention, MLP, two norms)."""
+    return 4 * hidden * hidden + 3 * hidden * (hidden * 11 // 4) + 2 * hidden
+
+
+def checkpoint_dir(args: argparse.Namespace, layers: int) -> Path:
+    return Path(os.environ["MBS_CACHE"]) / f"random-llama-h{args.hidden}-l{layers}"
+
+
+def write_checkpoint(args: argparse.Namespace, layers: int, shard_bytes: int = 1 << 30) -> None:
+    """The model's random weights (normal, std 0.02; norms 1) in safetensors shards of about ``shard_bytes`` with an
+    index, written one shard at a time: building the model in memory would need its full size twice over (fp32
+    initialisation, then the cast)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mbs.models.streaming import parameters_on_meta
+    from mbs.models.tiny import tiny_model
+
+    directory = checkpoint_dir(args, layers)
+    if (directory / "model.safetensors.index.json").is_file():
+        return
+    tmp = directory.with_name(directory.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec = spec_of(args, layers)
+    with parameters_on_meta():
+        model = tiny_model(spec.tiny_arch, spec.tiny_config, dtype=torch.bfloat16)
+    model.config.torch_dtype = torch.bfloat16
+    model.config.save_pretrained(tmp)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, shard, size, total = {}, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, tmp / name, metadata={"format": "pt"})
+        weight_map.update((key, name) for key in shard)
+        shard, size = {}, 0
+
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            value = torch.ones(param.shape, dtype=torch.bfloat16)
+        else:
+            value = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
+        shard[name] = value
+        size += value.numel() * 2
+        total += value.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    tmp.rename(directory)
+
+
+def measure(args: argparse.Namespace, layers: int, mode: str, method: str) -> dict:
+    """One compression and evaluation in this process: peak RSS, seconds and the per-language NLL."""
     from mbs.api import evaluation_windows
     from mbs.compress.engine import EngineConfig, compress_model
     from mbs.compress.registry import COMPRESSORS
@@ -42,71 +101,140 @@ def measure(args: argparse.Namespace, layers: int, mode: str) -> dict:
     from mbs.data.corpora import UDHRCorpus
     from mbs.evaluate.perplexity import evaluate_languages
     from mbs.evaluate.streamed import evaluate_streamed
-    from mbs.models.loading import load_model, load_streamed, load_tokenizer, weights_directory
+    from mbs.models.loading import load_model, load_streamed, load_tokenizer
     from mbs.models.spec import ModelSpec
 
+    import dataclasses
+
+    factory = COMPRESSORS[method]
+    fields = {f.name for f in dataclasses.fields(factory)} if dataclasses.is_dataclass(factory) else set()
+    make = (lambda: factory(groupsize=16)) if "groupsize" in fields and args.hidden % 128 else factory
     tiny = spec_of(args, layers)
     tokenizer = load_tokenizer(tiny)
     calibration = build_calibration(tokenizer, UDHRCorpus(), {"en": 4, "sw": 4}, 64, 0, True)
     windows = evaluation_windows(tokenizer, UDHRCorpus(), ["en", "sw"], seqlen=64, prepend_bos=True, max_windows=4)
-    spec = ModelSpec(name=tiny.name, source="hub", path=str(weights_directory(tiny)), dtype="bfloat16", seqlen=64)
-    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the clock starts, in both modes)
+    spec = ModelSpec(name=tiny.name, source="hub", path=str(checkpoint_dir(args, layers)), dtype="bfloat16", seqlen=64)
+    import transformers.models.llama.modeling_llama  # noqa: F401 - imported before the clock starts, in both modes
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as offload:
         if mode == "memory":
             model = load_model(spec)
-            compress_model(model, COMPRESSORS["wanda"](), calibration, EngineConfig(), progress=False)
+            compress_model(model, make(), calibration, EngineConfig(), progress=False)
             losses = evaluate_languages(model, windows, "cpu", 8, 256, progress=False)
         else:
             model = load_streamed(spec, Path(offload))
-            compress_model(model, COMPRESSORS["wanda"](), calibration, EngineConfig(), progress=False)
+            compress_model(model, make(), calibration, EngineConfig(), progress=False)
             losses = evaluate_streamed(model, windows, "cpu", "cpu", 8, 256, progress=False)
-    return {"layers": layers, "mode": mode, "parameters": sum(p.numel() for p in model.parameters()),
+    return {"layers": layers, "mode": mode, "method": method, "parameters": sum(p.numel() for p in model.parameters()),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, "before_mb": before / 1e3,
             "seconds": time.perf_counter() - start, "nll": {k: v.nll for k, v in losses.items()}}
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def run_child(command: list[str], cap: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``command``; with ``cap`` (GB), inside a fresh cgroup v1 memory limit: its peak usage and whether the
+    kernel's OOM killer fired come back beside the process."""
+    if not cap:
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True), {}
+    group = CGROUP_ROOT / f"mbs-streaming-bench-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(int(cap * 1e9)))
+        if (group / "memory.memsw.limit_in_bytes").exists():
+            (group / "memory.memsw.limit_in_bytes").write_text(str(int(cap * 1e9)))
+        procs = group / "cgroup.procs"
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                              preexec_fn=lambda: procs.write_text(str(os.getpid())))
+        control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+        return proc, {"cgroup_peak_mb": int((group / "memory.max_usage_in_bytes").read_text()) / 1e6,
+                      "oom_kills": int(control.get("oom_kill", 0))}
+    finally:
+        group.rmdir()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", default="8,24")
+    parser.add_argument("--layers", default="8,24", help="comma-separated depths")
+    parser.add_argument("--sizes", default="", help="comma-separated weight sizes in GB (bf16): the depth that gives "
+                                                    "each (instead of --layers)")
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--methods", default="wanda", help="comma-separated compressors with their defaults")
+    parser.add_argument("--modes", default="memory,streamed")
+    parser.add_argument("--cap", type=float, default=0.0, help="memory limit in GB (cgroup v1; 0: none)")
     parser.add_argument("--tiny", action="store_true", help="hidden 64, 2 and 4 layers")
-    parser.add_argument("--one", nargs=2, metavar=("LAYERS", "MODE"), help=argparse.SUPPRESS)  # a child process
+    parser.add_argument("--one", nargs=3, metavar=("LAYERS", "MODE", "METHOD"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.tiny:
-        args.hidden, args.layers = 64, "2,4"
+        args.hidden, args.layers, args.sizes = 64, "2,4", ""
     if args.one:
-        layers, mode = int(args.one[0]), args.one[1]
-        if mode == "write":  # the checkpoint, written once before either mode is measured
-            from mbs.models.loading import weights_directory
-
-            weights_directory(spec_of(args, layers))
+        layers, mode, method = int(args.one[0]), args.one[1], args.one[2]
+        if mode == "write":  # the checkpoint, written once before any mode is measured
+            write_checkpoint(args, layers)
             print("{}")
         else:
-            print(json.dumps(measure(args, layers, mode)))
+            print(json.dumps(measure(args, layers, mode, method)))
         return
+    from mbs.compress.registry import COMPRESSORS
+
+    methods, modes = args.methods.split(","), args.modes.split(",")
+    for value, allowed, key in ((methods, COMPRESSORS, "--methods"), (modes, ("memory", "streamed"), "--modes")):
+        if bad := [v for v in value if v not in allowed]:
+            sys.exit(f"{key}: {', '.join(bad)} not among {', '.join(allowed)}")
+    if args.cap and not (CGROUP_ROOT / "memory.limit_in_bytes").is_file():
+        sys.exit(f"--cap needs a cgroup v1 memory controller at {CGROUP_ROOT}, and there is none")
+    if args.sizes:
+        depths = [max(1, round(float(gb) * 1e9 / (2 * layer_parameters(args.hidden)))) for gb in args.sizes.split(",")]
+    else:
+        depths = [int(n) for n in args.layers.split(",")]
     os.environ.setdefault("MBS_CACHE", tempfile.mkdtemp(prefix="mbs-streaming-bench-"))
     rows = []
-    for layers in [int(n) for n in args.layers.split(",")]:
-        for mode in ("write", "memory", "streamed"):
-            command = [sys.executable, __file__, "--one", str(layers), mode, "--hidden", str(args.hidden)]
-            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(proc.stderr[-3000:])
-            if mode != "write":
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"Wanda 50% and evaluation (2 languages x 4 windows of 64 tokens), hidden {args.hidden}, bf16, "
-          f"threads {os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print("| layers | parameters | weights | mode | peak RSS | RSS before loading | seconds |")
-    print("|---:|---:|---:|---|---:|---:|---:|")
+    for layers in depths:
+        proc, _ = run_child([sys.executable, __file__, "--one", str(layers), "write", "-", "--hidden",
+                             str(args.hidden)], 0)
+        if proc.returncode:
+            sys.exit(proc.stderr[-3000:])
+        for method in methods:
+            for mode in modes:
+                command = [sys.executable, __file__, "--one", str(layers), mode, method, "--hidden", str(args.hidden)]
+                start = time.perf_counter()
+                proc, group = run_child(command, args.cap)
+                if proc.returncode == 0:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                elif args.cap and (group.get("oom_kills") or proc.returncode == -9):
+                    row = {"layers": layers, "mode": mode, "method": method, "killed": True,
+                           "parameters": layers * layer_parameters(args.hidden),
+                           "seconds": time.perf_counter() - start}
+                else:
+                    sys.exit(proc.stderr[-3000:])
+                rows.append({**row, **group})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "nll"}), flush=True)
+    cap = f"inside a {args.cap:g} GB cgroup memory limit" if args.cap else "no memory limit"
+    print(f"\ncompression and evaluation (2 languages x 4 windows of 64 tokens; 8 calibration segments of 64 tokens), "
+          f"hidden {args.hidden}, bf16, {cap}, threads {os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print("| method | layers | weights | mode | peak RSS | cgroup peak (with page cache) | RSS before loading | "
+          "seconds |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['layers']} | {r['parameters'] / 1e6:.0f}M | {r['parameters'] * 2 / 1e9:.2f} GB | {r['mode']} | "
-              f"{r['peak_mb']:.0f} MB | {r['before_mb']:.0f} MB | {r['seconds']:.1f} |")
-    for layers in dict.fromkeys(r["layers"] for r in rows):
-        memory, streamed = (next(r for r in rows if r["layers"] == layers and r["mode"] == m)
-                            for m in ("memory", "streamed"))
-        print(f"{layers} layers: streamed perplexities bit-identical to in-memory: {memory['nll'] == streamed['nll']}")
+        peak = "killed by the limit" if r.get("killed") else f"{r['peak_mb']:.0f} MB"
+        before = "" if r.get("killed") else f"{r['before_mb']:.0f} MB"
+        group = f"{r['cgroup_peak_mb']:.0f} MB" if "cgroup_peak_mb" in r else ""
+        print(f"| {r['method']} | {r['layers']} | {r['parameters'] * 2 / 1e9:.2f} GB | {r['mode']} | {peak} | {group} | "
+              f"{before} | {r['seconds']:.1f} |")
+    for method in methods:
+        done = [r for r in rows if r["method"] == method and not r.get("killed")]
+        for layers in dict.fromkeys(r["layers"] for r in done):
+            pair = [r for r in done if r["layers"] == layers]
+            if len(pair) == 2:
+                print(f"{method}, {layers} layers: streamed perplexities bit-identical to in-memory: "
+                      f"{pair[0]['nll'] == pair[1]['nll']}")
+        streamed = [r for r in done if r["mode"] == "streamed"]
+        if len(streamed) >= 2:
+            print(f"{method}, streamed: peak RSS grows x{streamed[-1]['peak_mb'] / streamed[0]['peak_mb']:.3f} from "
+                  f"{streamed[0]['parameters'] * 2 / 1e9:.2f} to {streamed[-1]['parameters'] * 2 / 1e9:.2f} GB of "
+                  f"weights")
 
 
 if __name__ == "__main__":

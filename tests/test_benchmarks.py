@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on the tiny model (their figures are not asserted: speed is for benchmarks,
 not tests; their own equivalence checks between the two paths are)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
     ("self_calibration.py", ["--seeds", "0", "--methods", "wanda", "--mixtures", "mbs"],
      ["| Wanda 50% | mbs | self |", "| Wanda 50% | mbs | udhr |", "Spearman between dense perplexity", "figure and runs"]),
     ("damage_prediction.py", ["--mixtures", "english,sw only"], ["| english | 5 |", "| sw only | 5 |", "risk records"]),
-    ("streaming_memory.py", [], ["| 4 | 0M | 0.00 GB | streamed |", "4 layers: streamed perplexities bit-identical to "
-                                 "in-memory: True"]),
+    ("streaming_memory.py", ["--methods", "wanda,gptq"],
+     ["| gptq | 4 | 0.00 GB | streamed |", "wanda, 4 layers: streamed perplexities bit-identical to in-memory: True",
+      "gptq, 4 layers: streamed perplexities bit-identical to in-memory: True"]),
 ])
 def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args], cwd=ROOT,
@@ -34,3 +36,14 @@ def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
     lines = proc.stdout.splitlines()
     for row in rows:
         assert any(row in line for line in lines), proc.stdout
+
+
+@pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK), reason="needs a writable cgroup v1 memory controller")
+def test_streaming_benchmark_reports_a_run_the_memory_limit_killed(mbs_cache):
+    """Under --cap each measurement runs in its own cgroup: one that needs more than the limit is reported as killed
+    (not a crash of the benchmark), and the cgroup is removed after."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "streaming_memory.py"), "--tiny", "--modes",
+                           "streamed", "--cap", "0.15"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| wanda | 2 | 0.00 GB | streamed | killed by the limit |" in proc.stdout, proc.stdout
+    assert not list(Path("/sys/fs/cgroup/memory").glob("mbs-streaming-bench-*"))
