@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -189,7 +190,17 @@ def main() -> None:
         depths = [max(1, round(float(gb) * 1e9 / (2 * layer_parameters(args.hidden)))) for gb in args.sizes.split(",")]
     else:
         depths = [int(n) for n in args.layers.split(",")]
+    own_cache = "MBS_CACHE" not in os.environ  # then the checkpoints (GBs) are removed at the end
     os.environ.setdefault("MBS_CACHE", tempfile.mkdtemp(prefix="mbs-streaming-bench-"))
+    try:
+        rows = measure_all(args, depths, methods, modes)
+    finally:
+        if own_cache:
+            shutil.rmtree(os.environ["MBS_CACHE"], ignore_errors=True)
+    report(args, rows, methods)
+
+
+def measure_all(args: argparse.Namespace, depths: list[int], methods: list[str], modes: list[str]) -> list[dict]:
     rows = []
     for layers in depths:
         proc, _ = run_child([sys.executable, __file__, "--one", str(layers), "write", "-", "--hidden",
@@ -211,6 +222,10 @@ def main() -> None:
                     sys.exit(proc.stderr[-3000:])
                 rows.append({**row, **group})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "nll"}), flush=True)
+    return rows
+
+
+def report(args: argparse.Namespace, rows: list[dict], methods: list[str]) -> None:
     cap = f"inside a {args.cap:g} GB cgroup memory limit" if args.cap else "no memory limit"
     print(f"\ncompression and evaluation (2 languages x 4 windows of 64 tokens; 8 calibration segments of 64 tokens), "
           f"hidden {args.hidden}, bf16, {cap}, threads {os.environ.get('OMP_NUM_THREADS', 'unset')}")
