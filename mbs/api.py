@@ -46,11 +46,14 @@ def _check_type(value: Any, kind: type | tuple[type, ...], argument: str, allowe
         raise TypeError(f"{argument} must be {allowed}, not {_kind(value)}")
 
 
-def check_model(model: Any, argument: str = "model") -> int:
-    """A torch module with its weights in memory (not on the meta device); returns its vocabulary size (0: none)."""
+def check_model(model: Any, argument: str = "model", streamed_ok: bool = False) -> int:
+    """A torch module with its weights in memory (not on the meta device; with ``streamed_ok`` also a streamed model,
+    engine.stream=true, whose layers are read from disk for their turn); returns its vocabulary size (0: none)."""
+    from mbs.models.streaming import is_streamed
+
     _check_type(model, nn.Module, argument, "a torch.nn.Module (e.g. the model of mbs.load or from_pretrained)")
     meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None:
+    if meta is not None and not (streamed_ok and is_streamed(model)):
         raise ValueError(f"{argument} has weights on the meta device (no data, e.g. {meta}): load its weights "
                          f"first (from_pretrained, or to_empty() and load_state_dict)")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -158,7 +161,7 @@ def export(model: nn.Module, directory: str | Path, compressor: Compressor | Non
     from mbs.paths import check_creatable
     from mbs.record.export import export as write
 
-    check_model(model)
+    check_model(model, streamed_ok=True)
     _check_type(directory, (str, Path), "directory", "a path (str or pathlib.Path)")
     _check_type(compressor, (Compressor, type(None)), "compressor", "the mbs compressor the model was compressed "
                 "with, or None")

@@ -207,7 +207,6 @@ def choose_streaming(run: Run, memory: MemoryPlan, analysis_layers: list[int]) -
     unsupported = [
         (engine.mode != "sequential", f"engine.mode={engine.mode}", "use engine.mode=sequential"),
         (run.risk.predict, "risk.predict=true", "set risk.predict=false"),
-        (run.save_model, "save_model=true (or push_to_hub)", "set save_model=false"),
         (bool(run.eval.tasks or run.eval.suites), "zero-shot tasks (eval.tasks, eval.suites)",
          "drop the tasks"),
         (isinstance(run.data, SelfCorpus), "data=self", "calibrate on a corpus"),

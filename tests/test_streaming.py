@@ -94,6 +94,52 @@ def test_streamed_equals_in_memory_bit_for_bit(arch, method, dtype, data, tmp_pa
     assert_same_losses(losses(memory, windows, False), losses(streamed, windows, True))
 
 
+def stored(directory) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint directory holds, by key, whatever its sharding."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+@pytest.mark.parametrize("arch, method, dtype, save_format", [
+    ("llama", "gptq", "float32", "compressed-tensors"), ("gemma3", "gptq", "bfloat16", "compressed-tensors"),
+    ("bloom", "wanda", "bfloat16", "dense"), ("llama", "awq", "float32", "compressed-tensors"),
+])
+def test_a_streamed_model_exports_the_checkpoint_the_in_memory_one_does(arch, method, dtype, save_format, data,
+                                                                      tokenizer, tmp_path):
+    """save_model with engine.stream=true: written layer by layer from the offload folder, the checkpoint holds the
+    same tensors and config as the in-memory export (tied embeddings once), no layer stays in memory, and the plain
+    from_pretrained call loads the weights that were evaluated."""
+    from transformers import AutoModelForCausalLM
+
+    from mbs.record.export import export
+
+    calibration, windows = data
+    spec = tiny_spec(arch, dtype)
+    memory, streamed = load_model(spec), load_streamed(spec, tmp_path / "offload")
+    a, b = compressor(method), compressor(method)
+    compress_model(memory, a, calibration, EngineConfig(), progress=False)
+    compress_model(streamed, b, calibration, EngineConfig(), progress=False)
+    info_a = export(memory, tmp_path / "memory", a, tokenizer, save_format)
+    info_b = export(streamed, tmp_path / "streamed", b, tokenizer, save_format)
+    assert all(p.is_meta for p in Adapter(streamed).layers.parameters())  # every layer freed again after writing
+    tensors_a, tensors_b = stored(tmp_path / "memory"), stored(tmp_path / "streamed")
+    assert tensors_a.keys() == tensors_b.keys()
+    for key, value in tensors_a.items():
+        assert value.dtype == tensors_b[key].dtype and torch.equal(value, tensors_b[key]), key
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("memory", "streamed")]
+    assert configs[0] == configs[1]
+    for key in ("format", "quantized_modules", "dense_bytes", "embedding_bytes", "dtype"):
+        assert info_a[key] == info_b[key], key
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    for name, weight in memory.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name].to(weight.dtype), weight), name
+    assert_same_losses(losses(memory, windows, False), losses(streamed, windows, True))  # the offload is still read
+
+
 def test_float32_evaluation_and_the_dense_compressor_stream_too(data, tmp_path):
     calibration, windows = data
     spec = tiny_spec("qwen2", "bfloat16")
@@ -244,6 +290,20 @@ def test_run_py_streamed_gives_the_in_memory_results(tmp_path):
     assert not (tmp_path / "streamed" / "offload").exists()  # removed once the compressed layers were evaluated
 
 
+def test_run_py_streamed_saves_the_model_the_in_memory_run_saves(tmp_path):
+    for name, extra in (("memory", []), ("streamed", ["engine.stream=true"])):
+        run_py(tmp_path / name, *TINY, "compressor=gptq", "compressor.groupsize=32", "force=true", "save_model=true",
+               *extra)
+    a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("memory", "streamed"))
+    same = ("format", "quantized_modules", "bits", "kept_dense", "dtype", "dense_bytes", "embedding_bytes")
+    assert {k: a["export"][k] for k in same} == {k: b["export"][k] for k in same}
+    # the same tensors; only the shards' headers differ (one shard per layer when streamed)
+    assert b["export"]["weights_bytes"] == pytest.approx(a["export"]["weights_bytes"], rel=0.01)
+    tensors_a, tensors_b = stored(tmp_path / "memory" / "model"), stored(tmp_path / "streamed" / "model")
+    assert tensors_a.keys() == tensors_b.keys() and all(torch.equal(v, tensors_b[k]) for k, v in tensors_a.items())
+    assert (tmp_path / "streamed" / "model" / "README.md").is_file()  # the model card
+
+
 def test_a_failed_streamed_run_removes_its_offloaded_layers_and_nothing_else(tmp_path, monkeypatch):
     calls = []
 
@@ -319,7 +379,7 @@ def test_streaming_is_chosen_when_the_model_would_not_fit_the_cap():
 
 
 @pytest.mark.parametrize("override, what", [
-    ("save_model=true", "save_model=true"), ("engine.mode=cached", "engine.mode=cached"),
+    ("engine.mode=cached", "engine.mode=cached"),
     ("risk.predict=true", "risk.predict=true"), ("analysis.statistic=residual_mean", "analysis.statistic"),
 ])
 def test_what_a_streamed_run_cannot_do_yet_is_refused_in_one_line(override, what):

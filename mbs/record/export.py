@@ -24,6 +24,9 @@ What stays dense: embeddings and the LM head (never compressed), norms, biases, 
 formats are legacy), so a pruned-only model is written as a dense checkpoint whose pruned weights are zeros.
 
 ``dense``: the model as it is in memory (pruned weights zero, quantized weights fake-quantized in the model dtype).
+
+A streamed model (engine.stream=true) is written layer by layer, each read back for its turn, with the same tensors
+and config as ``save_pretrained`` gives the in-memory model; only the sharding differs (one shard per decoder layer).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mbs.models.streaming import is_streamed, layer_store
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +125,7 @@ def _unique_bytes(tensors) -> int:
     """Bytes of the tensors in their dtype, a tied tensor counted once (as a checkpoint stores it)."""
     seen, total = set(), 0
     for t in tensors:
-        key = (t.data_ptr(), t.numel())
+        key = id(t) if t.is_meta else (t.data_ptr(), t.numel())  # a streamed model's layers are meta tensors
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
@@ -205,8 +210,8 @@ def clean_orphans(directory: Path) -> list[Path]:
 
 def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, save_format: str) -> dict[str, Any]:
     records = getattr(compressor, "records", {}) if save_format == "compressed-tensors" and quantizes(compressor) else {}
-    state = dict(model.state_dict())
     quantization_config = None
+    convert = None
     if records:
         from compressed_tensors.compressors import BaseCompressor
         from compressed_tensors.compressors.format import infer_module_format
@@ -219,14 +224,25 @@ def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, s
         missing = [n for n in records if n not in modules]
         if missing:
             raise RuntimeError(f"compressor records name modules the model does not have: {', '.join(missing[:3])}")
-        for name, grids in records.items():
-            del state[f"{name}.weight"]
-            for key, value in _compressed_state(name, modules[name], grids, scheme, compressor_cls).items():
-                state[f"{name}.{key}"] = value
+
+        def packed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            """The quantized modules' weights in ``state`` (keyed by full names) replaced by their packed tensors."""
+            for name in [n for n in records if f"{n}.weight" in state]:
+                del state[f"{name}.weight"]
+                for key, value in _compressed_state(name, modules[name], records[name], scheme,
+                                                    compressor_cls).items():
+                    state[f"{name}.{key}"] = value
+            return state
+
+        convert = packed
         ignore = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in records)
         quantization_config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt.value,
                                                  quantization_status="compressed", ignore=ignore)
-    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    if is_streamed(model):
+        _save_streamed(model, directory, convert or (lambda state: state))
+    else:
+        state = dict(model.state_dict())
+        model.save_pretrained(directory, state_dict=convert(state) if convert else state, safe_serialization=True)
     if quantization_config is not None:
         from compressed_tensors.compressors import ModelCompressor
 
@@ -253,6 +269,51 @@ def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, s
         "weights_to_dense": weights / dense if dense else None,
         "non_embedding_to_dense": (weights - embedding) / (dense - embedding) if dense > embedding else None,
     }
+
+
+def _save_streamed(model: nn.Module, directory: Path, convert) -> None:
+    """``save_pretrained`` for a streamed model (engine.stream=true), whose decoder layers are in memory only for
+    their turn: one shard for the embeddings, final norm and head, then one per decoder layer, each read back from the
+    offload folder (or the checkpoint, if unchanged), converted by ``convert`` and freed before the next; an index
+    and the config as ``save_pretrained`` writes them. Tied weights are stored once, under their first name."""
+    from safetensors.torch import save_file
+
+    from mbs.models.adapter import Adapter
+
+    store, layers = layer_store(model), Adapter(model).layers
+    directory.mkdir(parents=True, exist_ok=True)
+    total = len(layers) + 1
+    weight_map: dict[str, str] = {}
+    size = 0
+
+    def save(state: dict[str, torch.Tensor], shard: int) -> None:
+        nonlocal size
+        name = f"model-{shard:05d}-of-{total:05d}.safetensors"
+        state = {k: v.detach().to("cpu").contiguous() for k, v in convert(state).items()}
+        save_file(state, str(directory / name), metadata={"format": "pt"})
+        weight_map.update((key, name) for key in state)
+        size += sum(v.numel() * v.element_size() for v in state.values())
+
+    inside = tuple(f"{prefix}." for prefix in store.prefix)
+    outer, seen = {}, set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if not key.startswith(inside) and id(value) not in seen:
+            seen.add(id(value))
+            outer[key] = value
+    save(outer, 1)
+    for index, layer in enumerate(layers):
+        store.fetch(index, layer, "cpu")
+        try:
+            save({f"{store.prefix[index]}.{k}": v for k, v in layer.state_dict().items()}, index + 2)
+        finally:
+            store.release(index, layer, "cpu", changed=False)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    model.config.dtype = next(model.parameters()).dtype
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
 
 
 def _dequantize_on_load(directory: Path) -> None:
