@@ -172,10 +172,37 @@ def test_a_local_safetensors_checkpoint_streams_as_from_pretrained_loads_it(data
     assert_same_losses(losses(memory, windows, False), losses(streamed, windows, True))
 
 
-def test_a_checkpoint_whose_names_transformers_converts_is_refused_in_one_line(tmp_path):
-    """Fused MoE experts (transformers 5 fuses per-expert checkpoint weights on load) are not streamed yet."""
-    with pytest.raises(ValueError, match=r"engine.stream=true: .* not stored under their own names") as err:
-        load_streamed(tiny_spec("mixtral"), tmp_path / "offload")
+@pytest.mark.parametrize("arch, method", [("mixtral", "wanda"), ("qwen2_moe", "gptq"), ("gemma3_multimodal", "wanda")])
+def test_checkpoints_transformers_converts_on_load_stream_bit_for_bit(arch, method, data, tmp_path):
+    """Per-expert MoE weights that transformers fuses on load (Mixtral, Qwen2-MoE), and Gemma 3 multimodal's renamed
+    text model: each streamed layer is converted by transformers' own loading code, so the results are the in-memory
+    ones."""
+    calibration, windows = data
+    spec = tiny_spec(arch)
+    memory, streamed = load_model(spec), load_streamed(spec, tmp_path / "offload")
+    assert layer_store(streamed).converted or arch.startswith("gemma")  # the MoE layers go through the conversion
+    assert weights_fingerprint(streamed) == weights_fingerprint(memory)
+    assert all(p.is_meta for p in Adapter(streamed).layers.parameters())
+    report_a = compress_model(memory, compressor(method), calibration, EngineConfig(), progress=False)
+    report_b = compress_model(streamed, compressor(method), calibration, EngineConfig(), progress=False)
+    assert without_seconds(report_a.layers) == without_seconds(report_b.layers)
+    assert_same_losses(losses(memory, windows, False), losses(streamed, windows, True))
+
+
+def test_a_checkpoint_missing_weights_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mbs.models.loading import weights_directory
+
+    source = weights_directory(tiny_spec("llama"))
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "config.json").write_text((source / "config.json").read_text())
+    state = load_file(next(source.glob("*.safetensors")))
+    save_file({k: v for k, v in state.items() if "layers.1.mlp" not in k}, local / "model.safetensors")
+    with pytest.raises(ValueError, match=r"engine.stream=true: 3 weight\(s\) of the model are stored nowhere") as err:
+        load_streamed(ModelSpec(name="local", source="hub", path=str(local), dtype="float32", seqlen=64),
+                      tmp_path / "offload")
     assert "\n" not in str(err.value)
 
 

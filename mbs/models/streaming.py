@@ -3,7 +3,8 @@
 In memory (the default, :class:`InMemoryLayers`) a layer moves to the compute device for its turn and back. Streamed
 (:class:`StreamedLayers`) the model is a skeleton whose layers hold no weights (the meta device): a layer is read
 from the safetensors files the model loads from (memory-mapped, one tensor at a time) for its turn only, and freed
-after it; once compressed it is written to an offload folder (one safetensors file per layer, renamed into place in
+after it (weights that transformers renames or converts on load, e.g. per-expert MoE weights it fuses, go through
+transformers' own loading conversion, one layer at a time); once compressed it is written to an offload folder (one safetensors file per layer, renamed into place in
 one step, its digest checked when read back) and read from there from then on. Embeddings, final norm and head stay
 in memory. The engine (mbs/compress/engine.py) and the evaluation (mbs/evaluate/streamed.py) run the same loop either
 way: they ask :func:`layer_store` for the model's store and call ``fetch`` and ``release`` around each layer's turn.
@@ -89,26 +90,81 @@ class Checkpoint:
                 out.update((key, handle.get_tensor(key)) for key in keys if self.where[key] == file)
         return out
 
-    def keys_for(self, model: nn.Module) -> dict[str, str]:
-        """{parameter name in the model: its key in the checkpoint} for every parameter (tied ones once), the model's
-        ``base_model_prefix`` added or removed where the checkpoint stores names without or with it. ValueError in one
-        line naming what is missing (a checkpoint whose names transformers converts on load, e.g. fused MoE experts)."""
+    def keys_for(self, model: nn.Module, layer_prefixes: list[str]) -> tuple[dict[str, str], dict[int, list[str]]]:
+        """Where each parameter of ``model`` is stored: ({parameter name: its checkpoint key} for those stored whole,
+        under their own name, with or without the model's ``base_model_prefix``, or under a name transformers renames
+        on load (e.g. Gemma 3 multimodal); {decoder layer index: the checkpoint keys transformers converts into that
+        layer's parameters on load} (e.g. per-expert MoE weights fused into one tensor), by transformers' own mapping
+        for the model. ValueError in one line naming what is stored nowhere."""
+        params = dict(model.named_parameters())
         prefix = f"{getattr(model, 'base_model_prefix', '')}."
-        keys, missing = {}, []
-        for name, _ in model.named_parameters():
+        keys: dict[str, str] = {}
+        for name in params:
             candidates = [name, name.removeprefix(prefix) if name.startswith(prefix) else prefix + name]
             found = next((c for c in candidates if c in self.where), None)
-            if found is None:
-                missing.append(name)
-            else:
+            if found is not None:
                 keys[name] = found
+        converted: dict[int, list[str]] = {}
+        if len(keys) < len(params):
+            stored = set(keys.values())
+            for key, (target, converter) in transformers_names(model, [k for k in self.where if k not in stored]).items():
+                if converter is None:
+                    if target in params:
+                        keys.setdefault(target, key)
+                    continue
+                layer = next((i for i, p in enumerate(layer_prefixes) if target.startswith(f"{p}.")), None)
+                if layer is not None:
+                    converted.setdefault(layer, []).append(key)
+        missing = [n for n in params if n not in keys and not any(
+            n.startswith(f"{layer_prefixes[i]}.") for i in converted)]
         if missing:
             shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-            raise ValueError(f"engine.stream=true: {len(missing)} weight(s) of the model are not stored under their "
-                             f"own names in {self.directory} ({shown}); transformers converts this checkpoint's names "
-                             f"on load (e.g. fused MoE experts), which streaming does not do yet; set "
-                             f"engine.stream=false")
-        return keys
+            raise ValueError(f"engine.stream=true: {len(missing)} weight(s) of the model are stored nowhere in "
+                             f"{self.directory}, under their own names or under the names transformers converts on "
+                             f"load ({shown}); set engine.stream=false")
+        return keys, converted
+
+
+def transformers_names(model: nn.Module, keys: list[str]) -> dict[str, tuple[str, str | None]]:
+    """{checkpoint key: (the parameter name transformers loads it into, the pattern of the converter that must
+    combine it with others, or None for a plain renaming)}, by transformers' conversion mapping for ``model``."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    names = model.state_dict()
+    return {key: rename_source_key(key, renamings, converters, model.base_model_prefix, names) for key in keys}
+
+
+def load_converted(model: nn.Module, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters of ``layer`` (a decoder layer of the skeleton ``model``) made from the checkpoint ``tensors`` by
+    transformers' own loading conversion (the code ``from_pretrained`` runs), by their names in the layer; the layer
+    is left as it was (on the meta device). RuntimeError when the tensors do not make every parameter."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    config = LoadStateDictConfig(device_map={"": "cpu"}, dtype=next(layer.parameters()).dtype,
+                                 weight_mapping=get_model_conversion_mapping(model))
+    skeleton = [(sub, attr, param) for sub in layer.modules() for attr, param in sub._parameters.items()]
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        convert_and_load_state_dict_in_model(model, tensors, config)
+        state = {name: p.detach() for name, p in layer.named_parameters()}
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+        for sub, attr, param in skeleton:  # the skeleton's meta parameters back, whatever the loader put there
+            sub._parameters[attr] = param
+    unmade = [name for name, t in state.items() if t.is_meta]
+    if unmade:
+        raise RuntimeError(f"engine.stream=true: transformers' conversion of the checkpoint made no value for "
+                           f"{', '.join(unmade[:3])}; set engine.stream=false")
+    return state
 
 
 Slot = tuple[list[tuple[nn.Module, str]], str]  # every (module, attribute) holding one parameter, and its name
@@ -162,10 +218,12 @@ class StreamedLayers:
     def __init__(self, model: nn.Module, layers: nn.ModuleList, checkpoint: Checkpoint, folder: Path) -> None:
         self.checkpoint = checkpoint
         self.folder = Path(folder)
-        self.keys = checkpoint.keys_for(model)
-        self.dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the skeleton declares them
         full = {id(m): n for n, m in model.named_modules()}
         self.prefix = [full[id(layer)] for layer in layers]
+        self.keys, self.converted = checkpoint.keys_for(model, self.prefix)
+        self.model, self.layers = model, layers
+        self._last_converted: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as the skeleton declares them
         self.slots = [slots(layer) for layer in layers]
         self.buffer_dtypes = {(id(sub), attr): buf.dtype for layer in layers for sub in layer.modules()
                               for attr, buf in sub._buffers.items() if buf is not None}
@@ -177,11 +235,27 @@ class StreamedLayers:
 
     def tensor(self, name: str) -> torch.Tensor:
         """One dense weight of the model by its name, read from the checkpoint in the model's dtype."""
-        return self.checkpoint.read([self.keys[name]])[self.keys[name]].to(self.dtypes[name])
+        if name in self.keys:
+            return self.checkpoint.read([self.keys[name]])[self.keys[name]].to(self.dtypes[name])
+        index = next(i for i in self.converted if name.startswith(f"{self.prefix[i]}."))
+        if self._last_converted is None or self._last_converted[0] != index:  # one conversion per layer, not per name
+            self._last_converted = index, self._dense_state(index)
+        return self._last_converted[1][name.removeprefix(f"{self.prefix[index]}.")].to(self.dtypes[name])
+
+    def _dense_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer ``index``'s dense weights as the checkpoint gives them, by their names in the layer."""
+        prefix = self.prefix[index]
+        if index not in self.converted:
+            keys = {name: self.keys[f"{prefix}.{name}"] for _, name in self.slots[index]}
+            stored = self.checkpoint.read(list(keys.values()))
+            return {name: stored[key] for name, key in keys.items()}
+        own = [self.keys[f"{prefix}.{name}"] for _, name in self.slots[index] if f"{prefix}.{name}" in self.keys]
+        return load_converted(self.model, self.layers[index], self.checkpoint.read(own + self.converted[index]))
 
     def fetch(self, index: int, layer: nn.Module, device: torch.device | str,
               dtype: torch.dtype | None = None) -> None:
         """Read layer ``index`` onto ``device`` (in ``dtype`` when given, else the model's)."""
+        self._last_converted = None  # what the fingerprint converted last is not kept through the run
         prefix = self.prefix[index]
         if index in self.written:
             from safetensors.torch import load_file
@@ -193,9 +267,7 @@ class StreamedLayers:
                                    f"cannot go on with it (rerun: the folder is cleared at the start)")
             state = load_file(path)
         else:
-            keys = {name: self.keys[f"{prefix}.{name}"] for _, name in self.slots[index]}
-            stored = self.checkpoint.read(list(keys.values()))
-            state = {name: stored[key] for name, key in keys.items()}
+            state = self._dense_state(index)
         materialise(self.slots[index], state.__getitem__, lambda name: dtype or self.dtypes[f"{prefix}.{name}"],
                     device)
         for sub in layer.modules():
