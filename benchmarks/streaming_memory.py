@@ -158,18 +158,19 @@ def run_child(command: list[str], cap: float) -> tuple[subprocess.CompletedProce
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", default="8,24", help="comma-separated depths")
+    parser.add_argument("--layers", default=None, help="comma-separated depths (default 8,24; --tiny: 2,4)")
     parser.add_argument("--sizes", default="", help="comma-separated weight sizes in GB (bf16): the depth that gives "
                                                     "each (instead of --layers)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--methods", default="wanda", help="comma-separated compressors with their defaults")
     parser.add_argument("--modes", default="memory,streamed")
     parser.add_argument("--cap", type=float, default=0.0, help="memory limit in GB (cgroup v1; 0: none)")
-    parser.add_argument("--tiny", action="store_true", help="hidden 64, 2 and 4 layers")
+    parser.add_argument("--tiny", action="store_true", help="hidden 64 (seconds)")
     parser.add_argument("--one", nargs=3, metavar=("LAYERS", "MODE", "METHOD"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.tiny:
-        args.hidden, args.layers, args.sizes = 64, "2,4", ""
+        args.hidden, args.sizes = 64, ""
+    args.layers = args.layers or ("2,4" if args.tiny else "8,24")
     if args.one:
         layers, mode, method = int(args.one[0]), args.one[1], args.one[2]
         if mode == "write":  # the checkpoint, written once before any mode is measured
