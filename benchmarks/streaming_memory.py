@@ -109,7 +109,7 @@ def measure(args: argparse.Namespace, layers: int, mode: str, method: str) -> di
 
     factory = COMPRESSORS[method]
     fields = {f.name for f in dataclasses.fields(factory)} if dataclasses.is_dataclass(factory) else set()
-    make = (lambda: factory(groupsize=16)) if "groupsize" in fields and args.hidden % 128 else factory
+    make = (lambda: factory(groupsize=16)) if "groupsize" in fields and (args.hidden * 11 // 4) % 128 else factory
     tiny = spec_of(args, layers)
     tokenizer = load_tokenizer(tiny)
     calibration = build_calibration(tokenizer, UDHRCorpus(), {"en": 4, "sw": 4}, 64, 0, True)

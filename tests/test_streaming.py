@@ -18,7 +18,7 @@ from mbs.fingerprint import weights_fingerprint
 from mbs.models.adapter import Adapter
 from mbs.models.loading import load_model, load_streamed
 from mbs.models.spec import ModelSpec
-from mbs.models.streaming import LAYER_FILE, gb, is_streamed, layer_store
+from mbs.models.streaming import LAYER_FILE, OffloadedRecord, gb, is_streamed, layer_store
 
 TINY = ["model=tiny-llama", "sampler.segments=12", "eval.languages=[en,sw,fr]", "eval.max_windows=2",
         "logger=none", "progress=false"]
@@ -82,7 +82,9 @@ def test_streamed_equals_in_memory_bit_for_bit(arch, method, dtype, save_format,
     report_b = compress_model(streamed, b, calibration, EngineConfig(), progress=False)
     assert without_seconds(report_a.layers) == without_seconds(report_b.layers)
     assert all(p.is_meta for p in Adapter(streamed).layers.parameters())  # freed after their turn
-    for key in getattr(a, "records", {}):  # GPTQ's scales, zero points and group maps
+    # GPTQ's scales, zero points and group maps: streamed, in the offload folder (memory must not grow with depth)
+    assert all(isinstance(r, OffloadedRecord) for r in getattr(b, "records", {}).values())
+    for key in getattr(a, "records", {}):
         for field, value in a.records[key].items():
             other = b.records[key][field]
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (key, field)

@@ -472,6 +472,7 @@ def compress_model(model: nn.Module, compressor: Compressor, calibration: Calibr
             elif captured is not None and i + 1 < len(layers):
                 captured.inputs = run_layer(layer, adapter, captured.inputs, captured.layer_kwargs[i])
             store.release(i, layer, config.offload_device, changed=compressor.edits_weights)
+            store.offload_records(i, getattr(compressor, "records", None))
             report.layers.append(layer_record(i, time.perf_counter() - t0, step.modules, step.shared_inputs,
                                               prepared))
     finally:

@@ -19,10 +19,11 @@ import ctypes
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 META = torch.device("meta")
 STORE_ATTR = "_mbs_layer_store"  # set on a streamed model by attach()
 LAYER_FILE = "layer-{:05d}.safetensors"
+RECORDS_FILE = "records-{:05d}.safetensors"  # a compressor's per-module records of one layer (GPTQ's grids)
 
 
 @contextmanager
@@ -211,6 +213,9 @@ class InMemoryLayers:
     def release(self, index: int, layer: nn.Module, home: torch.device | str, changed: bool) -> None:
         layer.to(home)
 
+    def offload_records(self, index: int, records: dict[str, Any] | None) -> None:
+        """In memory, a compressor's records stay where they are."""
+
 
 class StreamedLayers:
     """Layers read from the checkpoint (or, once compressed, from the offload folder) for their turn only."""
@@ -260,12 +265,7 @@ class StreamedLayers:
         if index in self.written:
             from safetensors.torch import load_file
 
-            path = self.path(index)
-            size, digest = self.written[index]
-            if not path.is_file() or path.stat().st_size != size or file_digest(path) != digest:
-                raise RuntimeError(f"the offloaded layer {path} changed on disk since this run wrote it; the run "
-                                   f"cannot go on with it (rerun: the folder is cleared at the start)")
-            state = load_file(path)
+            state = load_file(self._checked(index, self.path(index)))
         else:
             state = self._dense_state(index)
         materialise(self.slots[index], state.__getitem__, lambda name: dtype or self.dtypes[f"{prefix}.{name}"],
@@ -289,20 +289,80 @@ class StreamedLayers:
         give_back_freed_memory()
 
     def _write(self, index: int, layer: nn.Module) -> None:
+        state = {name: p.detach().to("cpu").contiguous() for name, p in layer.named_parameters()}
+        self._write_file(index, self.path(index), state)
+
+    def _write_file(self, key: Any, path: Path, state: dict[str, torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> None:
+        """Write ``state`` to ``path`` (temporary, fsync, rename) and remember its size and digest under ``key``."""
         from safetensors.torch import save_file
 
-        state = {name: p.detach().to("cpu").contiguous() for name, p in layer.named_parameters()}
-        path = self.path(index)
         with atomic_path(path) as tmp:
-            save_file(state, str(tmp))
+            save_file(state, str(tmp), metadata=metadata)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        self.written[index] = (path.stat().st_size, file_digest(path))
+        self.written[key] = (path.stat().st_size, file_digest(path))
+
+    def _checked(self, key: Any, path: Path) -> Path:
+        """``path``, if it is the file this process wrote under ``key``; else RuntimeError."""
+        size, digest = self.written[key]
+        if not path.is_file() or path.stat().st_size != size or file_digest(path) != digest:
+            raise RuntimeError(f"the offloaded file {path} changed on disk since this run wrote it; the run "
+                               f"cannot go on with it (rerun: the folder is cleared at the start)")
+        return path
+
+    def offload_records(self, index: int, records: dict[str, Any] | None) -> None:
+        """Move the tensors of a compressor's records for layer ``index``'s modules (GPTQ's scales, zero points and
+        group maps, needed only to export) into ``records-N.safetensors`` beside the layer, so that what a streamed
+        run holds does not grow with the number of layers; each record becomes an :class:`OffloadedRecord`."""
+        if not records:
+            return
+        inside = f"{self.prefix[index]}."
+        names = [n for n, r in records.items() if n.startswith(inside) and not isinstance(r, OffloadedRecord)]
+        tensors = {f"{n}|{field}": v.contiguous() for n in names for field, v in records[n].items()
+                   if isinstance(v, torch.Tensor)}
+        if not tensors:
+            return
+        path = self.folder / RECORDS_FILE.format(index)
+        self._write_file(("records", index), path, tensors)
+        for n in names:
+            plain = {field: v for field, v in records[n].items() if not isinstance(v, torch.Tensor)}
+            fields = [field for field, v in records[n].items() if isinstance(v, torch.Tensor)]
+            records[n] = OffloadedRecord(self, index, n, plain, fields)
+
+    def read_record(self, index: int, module: str, fields: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        path = self._checked(("records", index), self.folder / RECORDS_FILE.format(index))
+        with safe_open(path, "pt") as handle:
+            return {field: handle.get_tensor(f"{module}|{field}") for field in fields}
 
     def remove(self) -> None:
         """Delete the offloaded layers, and the folder when nothing else is in it (the run is over)."""
         remove_offload(self.folder)
         self.written.clear()
+
+
+class OffloadedRecord(Mapping):
+    """One module's compressor record in a streamed run: its plain fields (bits, groupsize, ...) in memory, its
+    tensors read back from the layer's records file on each access (checked as the layer files are)."""
+
+    def __init__(self, store: StreamedLayers, index: int, module: str, plain: dict[str, Any],
+                 fields: list[str]) -> None:
+        self.store, self.index, self.module, self.plain, self.fields = store, index, module, plain, fields
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.plain:
+            return self.plain[key]
+        if key not in self.fields:
+            raise KeyError(key)
+        return self.store.read_record(self.index, self.module, [key])[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.plain, *self.fields])
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.fields)
 
 
 @functools.cache
@@ -326,7 +386,8 @@ def _layer_files(folder: Path) -> list[Path]:
     """The layer files and write temporaries in an offload folder (nothing else in it is touched)."""
     if not folder.is_dir():
         return []
-    return sorted(folder.glob(LAYER_FILE.replace("{:05d}", "*"))) + sorted(folder.glob(".layer-*.tmp*"))
+    return [*sorted(folder.glob(LAYER_FILE.replace("{:05d}", "*"))), *sorted(folder.glob(".layer-*.tmp*")),
+            *sorted(folder.glob(RECORDS_FILE.replace("{:05d}", "*"))), *sorted(folder.glob(".records-*.tmp*"))]
 
 
 def clear_offload(folder: Path) -> None:
