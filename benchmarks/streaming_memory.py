@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -191,6 +192,7 @@ def main() -> None:
         depths = [max(1, round(float(gb) * 1e9 / (2 * layer_parameters(args.hidden)))) for gb in args.sizes.split(",")]
     else:
         depths = [int(n) for n in args.layers.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still remove the cgroup and checkpoints
     own_cache = "MBS_CACHE" not in os.environ  # then the checkpoints (GBs) are removed at the end
     os.environ.setdefault("MBS_CACHE", tempfile.mkdtemp(prefix="mbs-streaming-bench-"))
     try:
