@@ -40,6 +40,19 @@ def recipe(method: str):
     raise SystemExit(f"unknown method {method!r}; allowed: wanda, sparsegpt, gptq, awq")
 
 
+def effective_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight the module computes with. GPTQ writes its rounded weights into ``weight``; AWQ only smooths
+    ``weight`` and leaves the rounding to the quantized forward (its ``weight_scale`` and ``weight_zero_point``), so
+    the weight is put through that same fake quantization here."""
+    weight = module.weight.detach()
+    scheme = getattr(module, "quantization_scheme", None)
+    if scheme is None or scheme.weights is None or not hasattr(module, "weight_scale"):
+        return weight
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    return fake_quantize(weight, module.weight_scale, getattr(module, "weight_zero_point", None), scheme.weights)
+
+
 def main() -> None:
     model_dir, calibration_file, method, out_weights, out_json = sys.argv[1:6]
     torch.manual_seed(0)
@@ -61,7 +74,7 @@ def main() -> None:
     weights = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            weights[f"{name}.weight"] = module.weight.detach().to(torch.bfloat16).contiguous()
+            weights[f"{name}.weight"] = effective_weight(module).to(torch.bfloat16).contiguous()
         elif method == "awq" and ".layers." in name and "norm" in type(module).__name__.lower():
             weights[f"{name}.weight"] = module.weight.detach().to(torch.bfloat16).contiguous()  # its scales fold here
     save_file(weights, out_weights)
