@@ -228,7 +228,7 @@ def figure(jobs: dict, methods: list[str], mixtures: list[str], seeds: list[int]
         ax.axhline(1.0, color="0.4", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(order)), order, rotation=60, fontsize=8)
-        ax.set_title(f"{LABELS[method]}, {len(seeds)} seed(s)")
+        ax.set_title(f"{LABELS[method]}, {len(seeds)} seed(s)" + ("; bars: min–max over seeds" if len(seeds) > 1 else ""))
         ax.set_xlabel("language (by training share, largest first)")
         ax.grid(True, which="major", alpha=0.3)
     lo, hi = axes[0][0].get_ylim()

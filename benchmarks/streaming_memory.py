@@ -239,7 +239,8 @@ def report(args: argparse.Namespace, rows: list[dict], methods: list[str]) -> No
         peak = "killed by the limit" if r.get("killed") else f"{r['peak_mb']:.0f} MB"
         before = "" if r.get("killed") else f"{r['before_mb']:.0f} MB"
         group = f"{r['cgroup_peak_mb']:.0f} MB" if "cgroup_peak_mb" in r else ""
-        print(f"| {r['method']} | {r['layers']} | {r['parameters'] * 2 / 1e9:.2f} GB | {r['mode']} | {peak} | {group} | "
+        weights = f"{r['parameters'] * 2 / 1e9:.2f} GB"
+        print(f"| {r['method']} | {r['layers']} | {weights} | {r['mode']} | {peak} | {group} | "
               f"{before} | {r['seconds']:.1f} |")
     for method in methods:
         done = [r for r in rows if r["method"] == method and not r.get("killed")]

@@ -4,8 +4,9 @@ In memory (the default, :class:`InMemoryLayers`) a layer moves to the compute de
 (:class:`StreamedLayers`) the model is a skeleton whose layers hold no weights (the meta device): a layer is read
 from the safetensors files the model loads from (memory-mapped, one tensor at a time) for its turn only, and freed
 after it (weights that transformers renames or converts on load, e.g. per-expert MoE weights it fuses, go through
-transformers' own loading conversion, one layer at a time); once compressed it is written to an offload folder (one safetensors file per layer, renamed into place in
-one step, its digest checked when read back) and read from there from then on. Embeddings, final norm and head stay
+transformers' own loading conversion, one layer at a time); once compressed it is written to an offload folder (one
+safetensors file per layer, renamed into place in one step, its digest checked when read back) and read from there
+from then on. Embeddings, final norm and head stay
 in memory. The engine (mbs/compress/engine.py) and the evaluation (mbs/evaluate/streamed.py) run the same loop either
 way: they ask :func:`layer_store` for the model's store and call ``fetch`` and ``release`` around each layer's turn.
 
@@ -109,7 +110,8 @@ class Checkpoint:
         converted: dict[int, list[str]] = {}
         if len(keys) < len(params):
             stored = set(keys.values())
-            for key, (target, converter) in transformers_names(model, [k for k in self.where if k not in stored]).items():
+            unplaced = [k for k in self.where if k not in stored]
+            for key, (target, converter) in transformers_names(model, unplaced).items():
                 if converter is None:
                     if target in params:
                         keys.setdefault(target, key)
@@ -292,13 +294,12 @@ class StreamedLayers:
         state = {name: p.detach().to("cpu").contiguous() for name, p in layer.named_parameters()}
         self._write_file(index, self.path(index), state)
 
-    def _write_file(self, key: Any, path: Path, state: dict[str, torch.Tensor],
-                    metadata: dict[str, str] | None = None) -> None:
+    def _write_file(self, key: Any, path: Path, state: dict[str, torch.Tensor]) -> None:
         """Write ``state`` to ``path`` (temporary, fsync, rename) and remember its size and digest under ``key``."""
         from safetensors.torch import save_file
 
         with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=metadata)
+            save_file(state, str(tmp))
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         self.written[key] = (path.stat().st_size, file_digest(path))
