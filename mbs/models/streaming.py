@@ -376,8 +376,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 def give_back_freed_memory() -> None:
     """Return the memory of a freed layer to the system (glibc's malloc_trim). Without it glibc keeps freed large
-    blocks for reuse, and a streamed run's peak memory grew with the number of layers (measured on a 309M-parameter
-    Llama: 1.0 GB after 24 layers against 0.58 GB with large blocks always returned; README)."""
+    blocks for reuse, and a streamed run's peak memory grows with the number of layers."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
