@@ -5,6 +5,11 @@ calibration text) and its measured log perplexity ratio (evaluation windows), wi
 own aggregation (mean of the layers' errors) it scores other aggregations of the same per-layer errors, so the
 aggregation is chosen on measurements. Prints one row per mixture and writes every run's risk record as JSON.
 
+The mixture optimiser (mbs/mixture.py) relies on a different property: that a *language's* predicted damage moves
+with its measured damage as the mixture changes. So, over two or more mixtures, predicted and measured values are each
+centred on their language's mean over the mixtures (what is left is the mixture's effect, not the language's level)
+and Spearman's ρ is taken over all (language, mixture) points.
+
     python benchmarks/damage_prediction.py                    # 5 runs of the default model, one seed
     python benchmarks/damage_prediction.py --mixtures mbs,uniform --seed 1
     python benchmarks/damage_prediction.py --tiny             # the tiny Llama test model, 5 languages, seconds
@@ -40,6 +45,27 @@ AGGREGATIONS = {
     "first half": lambda e: sum(e[: len(e) // 2]) / (len(e) // 2),
     "second half": lambda e: sum(e[len(e) // 2:]) / (len(e) - len(e) // 2),
 }
+
+
+def within_language(records: dict) -> str:
+    """Spearman's ρ per aggregation between predicted and measured damage, each centred on its language's mean over
+    the mixtures: does the prediction follow the mixture's effect on a language?"""
+    import numpy as np
+
+    from mbs.analyze.retention import centred, spearman
+
+    runs = list(records.values())
+    languages = sorted(set.intersection(*(set(r["risk"]["measured_log_ratio"]) & set(r["risk"]["per_layer"])
+                                          for r in runs)))
+    groups = np.repeat(np.arange(len(languages)), len(runs))
+    measured = centred(np.array([r["risk"]["measured_log_ratio"][k] for k in languages for r in runs]), groups)
+    cells = []
+    for f in AGGREGATIONS.values():
+        predicted = centred(np.array([f(r["risk"]["per_layer"][k]) for k in languages for r in runs]), groups)
+        rho = spearman(predicted, measured) if predicted.std() > 0 and measured.std() > 0 else float("nan")
+        cells.append("–" if np.isnan(rho) else f"{rho:.3f}")
+    return (f"| within language, across the {len(runs)} mixtures (n = {len(languages)} languages × {len(runs)}) | "
+            f"{len(languages)} | " + " | ".join(cells) + " | | |")
 
 
 def main() -> None:
@@ -83,6 +109,8 @@ def main() -> None:
                              "seconds": time.perf_counter() - start}
             print(f"| {name} | {len(measured)} | " + " | ".join("–" if r is None else f"{r:.3f}" for r in rhos.values())
                   + f" | {timings['risk_s']:.1f} | {timings['compress_s']:.1f} |", flush=True)
+    if len(records) > 1:
+        print(within_language(records))
     out = args.out or Path(tempfile.mkdtemp(prefix="mbs-damage-")) / "damage_prediction.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seed": args.seed, "tiny": args.tiny, "runs": records}, indent=2))

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
      ["| awq | 3 | english |", "| awq | 3 | uniform |", "| rtn | 3 | any |", "| language | awq 3b english"]),
     ("self_calibration.py", ["--seeds", "0", "--methods", "wanda", "--mixtures", "mbs"],
      ["| Wanda 50% | mbs | self |", "| Wanda 50% | mbs | udhr |", "Spearman between dense perplexity", "figure and runs"]),
-    ("damage_prediction.py", ["--mixtures", "english,sw only"], ["| english | 5 |", "| sw only | 5 |", "risk records"]),
+    ("damage_prediction.py", ["--mixtures", "english,sw only"],
+     ["| english | 5 |", "| sw only | 5 |", "| within language, across the 2 mixtures (n = 5 languages × 2) | 5 |",
+      "risk records"]),
     ("streaming_memory.py", ["--layers", "4", "--methods", "gptq"],
      ["| gptq | 4 | 0.00 GB | streamed |", "gptq, 4 layers: streamed perplexities bit-identical to in-memory: True"]),
 ])
