@@ -176,7 +176,7 @@ def prepare(cfg: DictConfig) -> Prepared:
             memory = memory_plan(skeleton, Adapter(skeleton).layers, getattr(torch, spec.dtype).itemsize,
                                  segments * data.text.seqlen,
                                  sum(w.numel() for ws in data.windows.values() for w in ws))
-            stream = choose_streaming(run, memory, analysis_layers)
+            stream = choose_streaming(run, memory)
     except ValueError as err:
         raise UserError(str(err)) from err
     return Prepared(run, counts, data.tokenizer, data.calibration, data.windows, data.probe, analysis_layers,
@@ -186,7 +186,7 @@ def prepare(cfg: DictConfig) -> Prepared:
                     stream=stream, memory=memory)
 
 
-def choose_streaming(run: Run, memory: MemoryPlan, analysis_layers: list[int]) -> bool:
+def choose_streaming(run: Run, memory: MemoryPlan) -> bool:
     """Whether the run streams its decoder layers from disk: ``engine.stream=true``, or an ``engine.max_memory``
     that the model's weights and calibration activations would not fit in. A cap below what even a streamed run
     holds, or a streamed run asked for what streaming cannot do yet, is refused in one line (before the model
@@ -210,8 +210,6 @@ def choose_streaming(run: Run, memory: MemoryPlan, analysis_layers: list[int]) -
         (bool(run.eval.tasks or run.eval.suites), "zero-shot tasks (eval.tasks, eval.suites)",
          "drop the tasks"),
         (isinstance(run.data, SelfCorpus), "data=self", "calibrate on a corpus"),
-        (bool(analysis_layers) and similarity.STATISTICS[run.analysis.statistic].source == "residual",
-         f"analysis.statistic={run.analysis.statistic}", "use a non-residual statistic or analysis.layers=[]"),
     ]
     for refused, what, fix in unsupported:
         if refused:

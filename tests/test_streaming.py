@@ -101,6 +101,22 @@ def test_streamed_equals_in_memory_bit_for_bit(arch, method, dtype, save_format,
     assert_same_losses(losses(memory, windows, False), losses(streamed, windows, True))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_residual_similarity_vectors_stream_bit_for_bit(arch, data, tmp_path):
+    from mbs.analyze.similarity import language_vectors
+
+    calibration, _ = data
+    spec = tiny_spec(arch, "bfloat16")
+    memory, streamed = load_model(spec), load_streamed(spec, tmp_path / "offload")
+    a = language_vectors(memory, calibration, [0, 1], EngineConfig(batch_size=2), "residual")
+    b = language_vectors(streamed, calibration, [0, 1], EngineConfig(batch_size=2), "residual")
+    assert a.keys() == b.keys() == {0, 1}
+    for i in a:
+        assert a[i].keys() == b[i].keys() == set(calibration.segments)
+        assert all(torch.equal(a[i][k], b[i][k]) for k in a[i]), i
+    assert all(p.is_meta for p in Adapter(streamed).layers.parameters())
+
+
 def stored(directory) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint directory holds, by key, whatever its sharding."""
     from safetensors.torch import load_file
@@ -401,7 +417,7 @@ def test_streaming_is_chosen_when_the_model_would_not_fit_the_cap():
 
 @pytest.mark.parametrize("override, what", [
     ("engine.mode=cached", "engine.mode=cached"),
-    ("risk.predict=true", "risk.predict=true"), ("analysis.statistic=residual_mean", "analysis.statistic"),
+    ("risk.predict=true", "risk.predict=true"),
 ])
 def test_what_a_streamed_run_cannot_do_yet_is_refused_in_one_line(override, what):
     with pytest.raises(mbs.pipeline.UserError, match=f"engine.stream=true, and a streamed run cannot take {what}"

@@ -7,7 +7,8 @@ A language's *activation vector* at decoder layer i comes from one of two source
   statistics-only probe in place of a compressor.
 - ``residual``: the per-channel mean of the residual stream entering decoder layer i (the hidden state before the
   layer's norm; at layer 0 the embedding output), the MBS paper's "input of the first decoder layer", from the
-  model's own forward (``output_hidden_states``). The first position of every segment is left out: its residual
+  engine's own layer-by-layer pass with a probe that reads each dense layer's inputs (so a streamed model is served
+  by the same code; equal to the model's forward hidden states, tested). The first position of every segment is left out: its residual
   norm (BOS, or the first token, an attention sink) is orders of magnitude above the rest and would dominate a mean.
 Uncentred vectors share a large common component (every language's mean x² is dominated by the same channels), so
 their cosines are all close to 1; the centred statistics subtract the mean vector of the evaluated languages (after
@@ -162,26 +163,43 @@ def language_vectors(model: nn.Module, probe: CalibrationSet, layers: list[int],
     return {i: vectors[i] for i in layers}
 
 
-@torch.no_grad()
+@dataclass
+class ResidualProbe(Compressor):
+    """Statistics only: the engine hands it each dense layer's calibration inputs (the residual stream entering the
+    layer), which it sums per language in fp64 over every position but the first of each segment; no weight changes."""
+
+    needs_layer_inputs: ClassVar[bool] = True
+    edits_weights: ClassVar[bool] = False
+    languages: list[str] = field(default_factory=list)  # the language of each calibration batch, in the engine's order
+    layers: list[int] = field(default_factory=list)  # absolute indices of the layers whose inputs are summed
+    sums: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def prepare_layer(self, layer: nn.Module, adapter: Any, inputs: list[torch.Tensor],
+                      kwargs: list[dict[str, Any]]) -> dict[str, Any]:
+        index = next(i for i, candidate in enumerate(adapter.layers) if candidate is layer)
+        if index in self.layers:
+            sums = self.sums.setdefault(index, {})
+            for language, hidden in zip(self.languages, inputs, strict=True):
+                part = hidden[:, 1:].double().sum(dim=(0, 1)).cpu()
+                sums[language] = sums[language] + part if language in sums else part
+        return {}
+
+    def compress(self, name: str, module: nn.Linear, statistic: Any) -> dict[str, Any]:
+        return {}
+
+
 def residual_vectors(model: nn.Module, probe: CalibrationSet, layers: list[int], engine: EngineConfig
                      ) -> dict[int, dict[str, torch.Tensor]]:
-    """Per-channel mean of the hidden state entering each decoder layer (``hidden_states[i]`` of the base model's
-    forward), summed in fp64 over every position but the first of each segment."""
-    device = torch.device(engine.device)
-    model.to(device)
-    try:
-        sums: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
-        tokens: dict[str, int] = {}
-        for language, batch in probe.batches(engine.batch_size):
-            states = model.base_model(input_ids=batch.to(device), use_cache=False,
-                                      output_hidden_states=True).hidden_states
-            for i in layers:
-                part = states[i][:, 1:].double().sum(dim=(0, 1)).cpu()
-                sums[i][language] = sums[i][language] + part if language in sums[i] else part
-            tokens[language] = tokens.get(language, 0) + batch.shape[0] * (batch.shape[1] - 1)
-    finally:
-        model.to(engine.offload_device)
-    return {i: {k: (v / tokens[k]).float() for k, v in by_language.items()} for i, by_language in sums.items()}
+    """Per-channel mean of the hidden state entering each decoder layer, over every position but the first of each
+    segment, from the engine's own pass (in memory or streamed alike)."""
+    sequential = dataclasses.replace(engine, mode="sequential", statistics_pool=0, per_language_statistics=True)
+    batches = probe.batches(sequential.batch_size, by_language=True)
+    tokens: dict[str, int] = {}
+    for language, batch in batches:
+        tokens[language] = tokens.get(language, 0) + batch.shape[0] * (batch.shape[1] - 1)
+    reader = ResidualProbe(languages=[language for language, _ in batches], layers=list(layers))
+    compress_model(model, reader, probe, sequential, progress=False)
+    return {i: {k: (v / tokens[k]).float() for k, v in reader.sums[i].items()} for i in layers}
 
 
 def transformed(vectors: Mapping[str, torch.Tensor], extra: Mapping[str, np.ndarray], statistic: Statistic,
