@@ -142,6 +142,8 @@ def report(jobs: dict, methods: list[str], mixtures: list[str], seeds: list[int]
                 print(f"- {LABELS[method]}, {mixture}, {label}: x{geomean(sv):.3f} vs x{geomean(uv):.3f}: "
                       f"{verdict(sv, uv)}; paired ratio per seed {', '.join(f'{a / b:.3f}' for a, b in zip(sv, uv))}")
 
+    across_languages(jobs, methods, mixtures, seeds, low)
+
     order = [r["language"] for r in sorted(next(iter(jobs.values()))["languages"],
                                            key=lambda r: -(r.get("training_share") or 0.0))]
     n_pairs = len(mixtures) * len(seeds)
@@ -177,6 +179,33 @@ def report(jobs: dict, methods: list[str], mixtures: list[str], seeds: list[int]
         check = jobs[methods[0], mixture, "self", seeds[0]]["calibration"]["generated"]["language_check"]
         segments = sum(c["segments"] for c in check.values())
         print(f"- {mixture}: {segments} segments per seed, {', '.join(f'{t:.0f}' for t in times)} s per seed")
+
+
+def across_languages(jobs: dict, methods: list[str], mixtures: list[str], seeds: list[int], low: list[str]) -> None:
+    """Self/UDHR per language (seeds averaged per language first, in logs), with a 95% BCa bootstrap CI over
+    languages: the spread over the unit that varies most, where n seeds alone give no interval."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    print(f"\nacross languages: self/UDHR per language (geometric mean over the {len(seeds)} seed(s) first), geometric "
+          f"mean over languages with a 95% bootstrap CI over languages (BCa, 10,000 resamples; languages are not "
+          f"independent samples: a spread, not a test); worse in = languages where self was worse")
+    print("| method | mixture | all languages [95% CI], worse in | low-resource [95% CI], worse in |")
+    print("|---|---|---:|---:|")
+    for method in methods:
+        for mixture in mixtures:
+            per_language = paired_by_language(jobs, method, [mixture], seeds)
+            cells = []
+            for languages in (list(per_language), [k for k in per_language if k in low]):
+                logs = np.array([np.mean(np.log(per_language[k])) for k in languages])
+                if len(logs) < 3:
+                    cells.append(f"too few languages for a CI (n={len(logs)})")
+                    continue
+                ci = bootstrap((logs,), np.mean, n_resamples=10_000, confidence_level=0.95, method="BCa",
+                               rng=np.random.default_rng(0)).confidence_interval
+                cells.append(f"x{math.exp(logs.mean()):.3f} [{math.exp(ci.low):.3f}, {math.exp(ci.high):.3f}], "
+                             f"{int((logs > 0).sum())}/{len(logs)}")
+            print(f"| {LABELS[method]} | {mixture} | " + " | ".join(cells) + " |")
 
 
 def paired_by_language(jobs: dict, method: str, mixtures: list[str], seeds: list[int]) -> dict[str, list[float]]:
