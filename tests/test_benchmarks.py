@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
     ("self_calibration.py", ["--seeds", "0", "--methods", "wanda", "--mixtures", "mbs"],
      ["| Wanda 50% | mbs | self |", "| Wanda 50% | mbs | udhr |", "across languages: self/UDHR",
       "Spearman between dense perplexity", "figure and runs"]),
+    ("mixture_value.py", ["--seeds", "0", "--methods", "wanda"],
+     ["| Wanda 50% | optimized |", "| Wanda 50% | uniform |", "worst language: optimized", "cost: the search took"]),
     ("damage_prediction.py", ["--mixtures", "english,sw only"],
      ["| english | 5 |", "| sw only | 5 |", "| within language, across the 2 mixtures (n = 5 languages × 2) | 5 |",
       "risk records"]),
