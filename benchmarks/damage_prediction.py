@@ -1,24 +1,26 @@
 """Does the predicted damage (mbs/analyze/damage.py) order languages as the measured damage does? On the embedded
-default with Wanda 50%, one run per calibration mixture (English-only, MBS, uniform and two single-language ones),
-Spearman's ρ across the evaluated languages between each language's predicted damage (before compressing, from
-calibration text) and its measured log perplexity ratio (evaluation windows), within each mixture. Besides the run's
+default with Wanda 50%, one run per calibration mixture (English-only, MBS, uniform and two single-language ones) and
+seed, Spearman's ρ across the evaluated languages between each language's predicted damage (before compressing, from
+calibration text: what ``risk.predict=true`` records, computed by the same function on the same dense model) and its
+measured log perplexity ratio (evaluation windows), within each mixture. Besides the run's
 own aggregation (mean of the layers' errors) it scores other aggregations of the same per-layer errors, so the
-aggregation is chosen on measurements. Prints one row per mixture and writes every run's risk record as JSON.
+aggregation is chosen on measurements. Prints one row per mixture and seed and writes every run's risk record as JSON.
 
 The mixture optimiser (mbs/mixture.py) relies on a different property: that a *language's* predicted damage moves
 with its measured damage as the mixture changes. So, over two or more mixtures, predicted and measured values are each
-centred on their language's mean over the mixtures (what is left is the mixture's effect, not the language's level)
-and Spearman's ρ is taken over all (language, mixture) points.
+centred on their language's mean over the runs (what is left is the mixture's and the seed's effect, not the
+language's level) and Spearman's ρ is taken over all (language, run) points.
 
-    python benchmarks/damage_prediction.py                    # 5 runs of the default model, one seed
-    python benchmarks/damage_prediction.py --mixtures mbs,uniform --seed 1
+    python benchmarks/damage_prediction.py --out DIR          # 5 runs of the default model, seed 0
+    python benchmarks/damage_prediction.py --mixtures mbs,uniform --seeds 0,1,2 --out DIR
     python benchmarks/damage_prediction.py --tiny             # the tiny Llama test model, 5 languages, seconds
+
+Runs are kept in ``--out`` and read back on a re-run; the MBS and uniform runs have the same configs and names as
+``benchmarks/self_calibration.py``'s Wanda UDHR runs, so with the same ``--out`` they are read back, not run again.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import statistics
 import sys
@@ -28,8 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-MIXTURES = {
+from resumable import run_or_resume, subset  # noqa: E402
+
+MIXTURES = {  # keys name the runs (<method>-<mixture>-udhr-<seed>, spaces as dashes), as self_calibration.py does
     "english": ["sampler=english"],
     "mbs": ["sampler=mbs"],
     "uniform": ["sampler=uniform"],
@@ -49,7 +54,7 @@ AGGREGATIONS = {
 
 def within_language(records: dict) -> str:
     """Spearman's ρ per aggregation between predicted and measured damage, each centred on its language's mean over
-    the mixtures: does the prediction follow the mixture's effect on a language?"""
+    the runs (mixtures and seeds): does the prediction follow the mixture's effect on a language?"""
     import numpy as np
 
     from mbs.analyze.retention import centred, spearman
@@ -64,7 +69,7 @@ def within_language(records: dict) -> str:
         predicted = centred(np.array([f(r["risk"]["per_layer"][k]) for k in languages for r in runs]), groups)
         rho = spearman(predicted, measured) if predicted.std() > 0 and measured.std() > 0 else float("nan")
         cells.append("–" if np.isnan(rho) else f"{rho:.3f}")
-    return (f"| within language, across the {len(runs)} mixtures (n = {len(languages)} languages × {len(runs)}) | "
+    return (f"| within language, across the {len(runs)} runs (n = {len(languages)} languages × {len(runs)}) | | "
             f"{len(languages)} | " + " | ".join(cells) + " | | |")
 
 
@@ -72,49 +77,61 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mixtures", default=",".join(MIXTURES), help="comma-separated subset of: "
                         + ", ".join(MIXTURES))
-    parser.add_argument("--seed", type=int, default=0, help="the calibration sample's seed")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds of the calibration sample")
     parser.add_argument("--tiny", action="store_true", help="the tiny Llama test model (seconds)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the runs' risk records (JSON)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the runs and the risk records (default: a temporary one, printed); runs "
+                             "already there are read, not run again")
     args = parser.parse_args()
-    mixtures = args.mixtures.split(",")
-    unknown = [m for m in mixtures if m not in MIXTURES]
-    if unknown:
-        raise SystemExit(f"--mixtures: unknown {', '.join(unknown)}; allowed: {', '.join(MIXTURES)}")
+    mixtures = subset(args.mixtures, MIXTURES, "--mixtures")
+    seeds = [int(s) for s in args.seeds.split(",")]
 
     import mbs
     from mbs.analyze.damage import spearman_or_none
-    from mbs.pipeline import run
+    from mbs.fingerprint import weights_fingerprint
+    from mbs.models.loading import load_model
+    from mbs.pipeline import predict_risk, prepare
 
-    common = ["logger=none", "progress=false", "risk.predict=true", "compressor=wanda", "compressor.sparsity=0.5",
-              "analysis.layers=[]",
-              f"seed={args.seed}"]
+    # the self-calibration benchmark's UDHR runs' overrides (risk.* is not part of the experiment id)
+    common = ["logger=none", "progress=false", "analysis.layers=[]", "eval.max_windows=0", "compressor=wanda",
+              "compressor.sparsity=0.5"]
     if args.tiny:
         common += ["model=tiny-llama", "sampler.segments=16", "eval.languages=[en,zh-Hans,hi,sw,yo]"]
-    records = {}
-    print("| mixture | languages | " + " | ".join(f"ρ {a}" for a in AGGREGATIONS) + " | risk s | compress s |")
-    print("|---|---:|" + "---:|" * (len(AGGREGATIONS) + 2))
+    out = args.out or Path(tempfile.mkdtemp(prefix="mbs-damage-"))
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    records, model, weights = {}, None, None
+    print("| mixture | seed | languages | " + " | ".join(f"ρ {a}" for a in AGGREGATIONS) + " | risk s | compress s |")
+    print("|---|---:|---:|" + "---:|" * (len(AGGREGATIONS) + 2))
     with tempfile.TemporaryDirectory() as tmp:
-        for name in mixtures:
-            cfg = mbs.compose(*common, *MIXTURES[name])
-            start = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):
-                result = run(cfg, Path(tmp) / name.replace(" ", "-"))
-            risk, timings = result["risk"], result["timings"]
-            measured = risk["measured_log_ratio"]
-            rhos = {a: spearman_or_none({k: f(e) for k, e in risk["per_layer"].items()}, measured)
-                    for a, f in AGGREGATIONS.items()}
-            assert rhos["mean"] == risk["spearman"], (rhos["mean"], risk["spearman"])  # the run's own aggregation
-            records[name] = {"overrides": MIXTURES[name], "spearman": rhos, "risk": risk,
-                             "calibration": result["calibration"]["segments"], "timings": timings,
-                             "seconds": time.perf_counter() - start}
-            print(f"| {name} | {len(measured)} | " + " | ".join("–" if r is None else f"{r:.3f}" for r in rhos.values())
-                  + f" | {timings['risk_s']:.1f} | {timings['compress_s']:.1f} |", flush=True)
+        for seed in seeds:
+            for name in mixtures:
+                cfg = mbs.compose(*common, *MIXTURES[name], f"seed={seed}")
+                key = f"wanda-{name.replace(' ', '-')}-udhr-{seed}"
+                result, _ = run_or_resume(cfg, out / "runs" / f"{key}.json", Path(tmp) / key)
+                prepared = prepare(cfg)
+                if model is None:  # the dense weights do not depend on the mixture or the calibration seed
+                    model = load_model(prepared.run.model, seed=prepared.run.seed)
+                    weights = weights_fingerprint(model)
+                start = time.perf_counter()
+                risk = predict_risk(model, prepared, weights)
+                risk_s = time.perf_counter() - start
+                measured = {r["language"]: r["log_ratio"] for r in result["languages"] if r["language"] in
+                            risk["predicted"]}
+                risk["measured_log_ratio"] = measured
+                rhos = {a: spearman_or_none({k: f(e) for k, e in risk["per_layer"].items()}, measured)
+                        for a, f in AGGREGATIONS.items()}
+                records[name, seed] = {"overrides": MIXTURES[name], "seed": seed, "spearman": rhos, "risk": risk,
+                                       "calibration": result["calibration"]["segments"],
+                                       "timings": {**result["timings"], "risk_s": risk_s}}
+                print(f"| {name} | {seed} | {len(measured)} | "
+                      + " | ".join("–" if r is None else f"{r:.3f}" for r in rhos.values())
+                      + f" | {risk_s:.1f} | {result['timings']['compress_s']:.1f} |", flush=True)
     if len(records) > 1:
         print(within_language(records))
-    out = args.out or Path(tempfile.mkdtemp(prefix="mbs-damage-")) / "damage_prediction.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seed": args.seed, "tiny": args.tiny, "runs": records}, indent=2))
-    print(f"risk records: {out}")
+    path = out / "damage_prediction.json"
+    path.write_text(json.dumps({"tiny": args.tiny, "runs": [{"mixture": n, **r} for (n, _), r in records.items()]},
+                               indent=2))
+    print(f"risk records: {path}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
     ("mixture_value.py", ["--seeds", "0", "--methods", "wanda"],
      ["| Wanda 50% | optimized |", "| Wanda 50% | uniform |", "worst language: optimized", "cost: the search took"]),
     ("damage_prediction.py", ["--mixtures", "english,sw only"],
-     ["| english | 5 |", "| sw only | 5 |", "| within language, across the 2 mixtures (n = 5 languages × 2) | 5 |",
+     ["| english | 0 | 5 |", "| sw only | 0 | 5 |", "| within language, across the 2 runs (n = 5 languages × 2) | | 5 |",
       "risk records"]),
     ("streaming_memory.py", ["--layers", "4", "--methods", "gptq"],
      ["| gptq | 4 | 0.00 GB | streamed |", "gptq, 4 layers: streamed perplexities bit-identical to in-memory: True"]),
