@@ -7,9 +7,9 @@ own aggregation (mean of the layers' errors) it scores other aggregations of the
 aggregation is chosen on measurements. Prints one row per mixture and seed and writes every run's risk record as JSON.
 
 The mixture optimiser (mbs/mixture.py) relies on a different property: that a *language's* predicted damage moves
-with its measured damage as the mixture changes. So, over two or more mixtures, predicted and measured values are each
-centred on their language's mean over the runs (what is left is the mixture's and the seed's effect, not the
-language's level) and Spearman's ρ is taken over all (language, run) points.
+with its measured damage as the mixture changes. So, over two or more runs, the language means and the run means are
+removed from both (two-way fixed effects: what is left is how a run changes this language beyond what it does to
+every language) and Spearman's ρ is taken over all (language, run) points, with a CI resampling languages.
 
     python benchmarks/damage_prediction.py --out DIR          # 5 runs of the default model, seed 0
     python benchmarks/damage_prediction.py --mixtures mbs,uniform --seeds 0,1,2 --out DIR
@@ -52,25 +52,29 @@ AGGREGATIONS = {
 }
 
 
-def within_language(records: dict) -> str:
-    """Spearman's ρ per aggregation between predicted and measured damage, each centred on its language's mean over
-    the runs (mixtures and seeds): does the prediction follow the mixture's effect on a language?"""
-    import numpy as np
+def within_language(records: dict, n_resamples: int) -> list[str]:
+    """Per aggregation, Spearman's ρ between predicted and measured damage after removing each language's level and
+    each run's level (two-way fixed effects, mbs/analyze/retention.py's two_way_correlation, 95% CI resampling
+    languages): does the prediction follow how a mixture changes *this* language's damage beyond what it does to
+    every language?"""
+    import pandas as pd
 
-    from mbs.analyze.retention import centred, spearman
+    from mbs.analyze.retention import estimate_text, two_way_correlation
 
-    runs = list(records.values())
-    languages = sorted(set.intersection(*(set(r["risk"]["measured_log_ratio"]) & set(r["risk"]["per_layer"])
-                                          for r in runs)))
-    groups = np.repeat(np.arange(len(languages)), len(runs))
-    measured = centred(np.array([r["risk"]["measured_log_ratio"][k] for k in languages for r in runs]), groups)
-    cells = []
-    for f in AGGREGATIONS.values():
-        predicted = centred(np.array([f(r["risk"]["per_layer"][k]) for k in languages for r in runs]), groups)
-        rho = spearman(predicted, measured) if predicted.std() > 0 and measured.std() > 0 else float("nan")
-        cells.append("–" if np.isnan(rho) else f"{rho:.3f}")
-    return (f"| within language, across the {len(runs)} runs (n = {len(languages)} languages × {len(runs)}) | | "
-            f"{len(languages)} | " + " | ".join(cells) + " | | |")
+    # retention.py's metric is the log retention, -log ratio: its correlations with damage are negated back below
+    rows = [{"experiment_id": f"{name}-{seed}", "language": k, "log_retention": -measured,
+             **{a: f(r["risk"]["per_layer"][k]) for a, f in AGGREGATIONS.items()}}
+            for (name, seed), r in records.items() for k, measured in r["risk"]["measured_log_ratio"].items()]
+    df = pd.DataFrame(rows)
+    languages = df["language"].nunique()
+    lines = [f"\nwithin language and run ({len(records)} runs, {languages} languages, n = {len(df)} points): "
+             f"Spearman of predicted vs measured after removing language and run means, 95% CI resampling languages "
+             f"({n_resamples} resamples)",
+             "| aggregation | ρ [95% CI] |", "|---|---:|"]
+    for a in AGGREGATIONS:
+        c = two_way_correlation(df, a, f"predicted damage ({a})", n_resamples=n_resamples)
+        lines.append(f"| {a} | {estimate_text(-c.spearman, (-c.spearman_ci[1], -c.spearman_ci[0]), languages, 3)} |")
+    return lines
 
 
 def main() -> None:
@@ -127,7 +131,7 @@ def main() -> None:
                       + " | ".join("–" if r is None else f"{r:.3f}" for r in rhos.values())
                       + f" | {risk_s:.1f} | {result['timings']['compress_s']:.1f} |", flush=True)
     if len(records) > 1:
-        print(within_language(records))
+        print("\n".join(within_language(records, 1000 if args.tiny else 10_000)))
     path = out / "damage_prediction.json"
     path.write_text(json.dumps({"tiny": args.tiny, "runs": [{"mixture": n, **r} for (n, _), r in records.items()]},
                                indent=2))
