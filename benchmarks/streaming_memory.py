@@ -15,6 +15,7 @@ pages other processes cached first (shared libraries) are charged to them, so it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -119,7 +120,8 @@ def measure(args: argparse.Namespace, layers: int, mode: str, method: str) -> di
     import transformers.models.llama.modeling_llama  # noqa: F401 - imported before the clock starts, in both modes
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as offload:
+    with contextlib.ExitStack() as stack:  # the parent's folder (removed by it, also when this child is killed)
+        offload = args.offload or stack.enter_context(tempfile.TemporaryDirectory())
         if mode == "memory":
             model = load_model(spec)
             compress_model(model, make(), calibration, EngineConfig(), progress=False)
@@ -168,6 +170,7 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=0.0, help="memory limit in GB (cgroup v1; 0: none)")
     parser.add_argument("--tiny", action="store_true", help="hidden 64 (seconds)")
     parser.add_argument("--one", nargs=3, metavar=("LAYERS", "MODE", "METHOD"), help=argparse.SUPPRESS)  # a child
+    parser.add_argument("--offload", default=None, help=argparse.SUPPRESS)  # a child's offload folder
     args = parser.parse_args()
     if args.tiny:
         args.hidden, args.sizes = 64, ""
@@ -194,7 +197,8 @@ def main() -> None:
         depths = [int(n) for n in args.layers.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still remove the cgroup and checkpoints
     own_cache = "MBS_CACHE" not in os.environ  # then the checkpoints (GBs) are removed at the end
-    os.environ.setdefault("MBS_CACHE", tempfile.mkdtemp(prefix="mbs-streaming-bench-"))
+    if own_cache:
+        os.environ["MBS_CACHE"] = tempfile.mkdtemp(prefix="mbs-streaming-bench-")
     try:
         rows = measure_all(args, depths, methods, modes)
     finally:
@@ -212,9 +216,14 @@ def measure_all(args: argparse.Namespace, depths: list[int], methods: list[str],
             sys.exit(proc.stderr[-3000:])
         for method in methods:
             for mode in modes:
-                command = [sys.executable, __file__, "--one", str(layers), mode, method, "--hidden", str(args.hidden)]
+                offload = tempfile.mkdtemp(prefix="mbs-streaming-offload-")
+                command = [sys.executable, __file__, "--one", str(layers), mode, method, "--hidden", str(args.hidden),
+                           "--offload", offload]
                 start = time.perf_counter()
-                proc, group = run_child(command, args.cap)
+                try:
+                    proc, group = run_child(command, args.cap)
+                finally:  # a child the limit killed cannot remove its offloaded layers (GBs)
+                    shutil.rmtree(offload, ignore_errors=True)
                 if proc.returncode == 0:
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
                 elif args.cap and (group.get("oom_kills") or proc.returncode == -9):

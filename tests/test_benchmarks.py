@@ -43,13 +43,15 @@ def test_benchmark_runs_on_the_tiny_model(script, args, rows, mbs_cache):
 
 
 @pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK), reason="needs a writable cgroup v1 memory controller")
-def test_streaming_benchmark_reports_a_run_the_memory_limit_killed(mbs_cache):
+def test_streaming_benchmark_reports_a_run_the_memory_limit_killed(mbs_cache, tmp_path):
     """Under --cap each measurement runs in its own cgroup: one that needs more than the limit is reported as killed
-    (not a crash of the benchmark), and the cgroup is removed after."""
+    (not a crash of the benchmark), and the cgroup and the killed run's offload folder are removed after."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "streaming_memory.py"), "--tiny", "--layers",
                              "2", "--modes", "streamed", "--cap", "0.15"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert "| wanda | 2 | 0.00 GB | streamed | killed by the limit |" in out, out
     assert not list(Path("/sys/fs/cgroup/memory").glob(f"mbs-streaming-bench-{proc.pid}-*"))  # its own, removed
+    left = [p.name for p in tmp_path.iterdir() if p.name != "torchinductor_root"]  # torch's own compile cache
+    assert not left  # no offload folder or checkpoint left behind
