@@ -8,8 +8,9 @@ A language's *activation vector* at decoder layer i comes from one of two source
 - ``residual``: the per-channel mean of the residual stream entering decoder layer i (the hidden state before the
   layer's norm; at layer 0 the embedding output), the MBS paper's "input of the first decoder layer", from the
   engine's own layer-by-layer pass with a probe that reads each dense layer's inputs (so a streamed model is served
-  by the same code; equal to the model's forward hidden states, tested). The first position of every segment is left out: its residual
-  norm (BOS, or the first token, an attention sink) is orders of magnitude above the rest and would dominate a mean.
+  by the same code; equal to the model's forward hidden states, tested). The first position of every segment is
+  left out: its residual norm (BOS, or the first token, an attention sink) is orders of magnitude above the rest and
+  would dominate a mean.
 Uncentred vectors share a large common component (every language's mean x² is dominated by the same channels), so
 their cosines are all close to 1; the centred statistics subtract the mean vector of the evaluated languages (after
 the log, for ``log_`` ones) so that what is compared is how a language differs from the others.
