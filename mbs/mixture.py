@@ -289,8 +289,9 @@ def _main(args: argparse.Namespace, overrides: list[str], command: str) -> int:
     print("optimized counts: " + ", ".join(f"{k} {v}" for k, v in search.best.counts.items()))
     print(f"wrote {out}; use it with: python run.py sampler=optimized sampler.path={shlex.quote(str(out))} "
           f"{' '.join(shlex.quote(o) for o in overrides)}".rstrip())
-    print("experimental: the predicted damage has not been shown to rank languages as measured damage does (README, "
-          "Predicted damage); compress and evaluate the optimized mixture beside MBS and uniform before relying on it")
+    print("experimental: the predicted damage does not rank languages as measured damage does (README, Predicted "
+          "damage), so --objective worst can choose a mixture far worse than MBS or uniform (it did on the embedded "
+          "default); compress and evaluate the optimized mixture beside MBS and uniform before relying on it")
     return 0
 
 
