@@ -34,5 +34,7 @@ def run_or_resume(cfg: Any, done: Path, workdir: Path) -> tuple[dict, bool]:
             return earlier, True
     with contextlib.redirect_stdout(io.StringIO()):
         result = run(cfg, workdir)
-    done.write_text(json.dumps(result))
+    from mbs.atomic import atomic_write_all
+
+    atomic_write_all({done: json.dumps(result)})  # a kill mid-write leaves the old file or none, never half of one
     return result, False

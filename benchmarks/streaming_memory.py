@@ -131,7 +131,8 @@ def measure(args: argparse.Namespace, layers: int, mode: str, method: str) -> di
             compress_model(model, make(), calibration, EngineConfig(), progress=False)
             losses = evaluate_streamed(model, windows, "cpu", "cpu", 8, 256, progress=False)
     return {"layers": layers, "mode": mode, "method": method, "parameters": sum(p.numel() for p in model.parameters()),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, "before_mb": before / 1e3,
+            # ru_maxrss is in KiB on Linux
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6, "before_mb": before * 1024 / 1e6,
             "seconds": time.perf_counter() - start, "nll": {k: v.nll for k, v in losses.items()}}
 
 

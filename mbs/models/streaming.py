@@ -365,6 +365,10 @@ class OffloadedRecord(Mapping):
     def __len__(self) -> int:
         return len(self.plain) + len(self.fields)
 
+    def copy(self) -> dict[str, Any]:
+        """The whole record as a dict, its tensors read in one pass (``dict.copy`` for an in-memory record)."""
+        return {**self.plain, **self.store.read_record(self.index, self.module, self.fields)}
+
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -229,7 +229,7 @@ def _write(model: nn.Module, directory: Path, compressor: Any, tokenizer: Any, s
             """The quantized modules' weights in ``state`` (keyed by full names) replaced by their packed tensors."""
             for name in [n for n in records if f"{n}.weight" in state]:
                 del state[f"{name}.weight"]
-                grids = dict(records[name])  # one read of a streamed run's offloaded record
+                grids = records[name].copy()  # a streamed run's offloaded record: its file read once
                 for key, value in _compressed_state(name, modules[name], grids, scheme, compressor_cls).items():
                     state[f"{name}.{key}"] = value
             return state
