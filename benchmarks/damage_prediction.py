@@ -2,9 +2,9 @@
 default with Wanda 50%, one run per calibration mixture (English-only, MBS, uniform and two single-language ones) and
 seed, Spearman's ρ across the evaluated languages between each language's predicted damage (before compressing, from
 calibration text: what ``risk.predict=true`` records, computed by the same function on the same dense model) and its
-measured log perplexity ratio (evaluation windows), within each mixture. Besides the run's
-own aggregation (mean of the layers' errors) it scores other aggregations of the same per-layer errors, so the
-aggregation is chosen on measurements. Prints one row per mixture and seed and writes every run's risk record as JSON.
+measured log perplexity ratio (evaluation windows), within each mixture. Beside the predicted log ratio it scores the
+relative output error (no forward), aggregated over layers in several ways, so the predictor and the aggregation are
+chosen on measurements. Prints one row per mixture and seed and writes every run's risk record as JSON.
 
 The mixture optimiser (mbs/mixture.py) relies on a different property: that a *language's* predicted damage moves
 with its measured damage as the mixture changes. So, over two or more runs, the language means and the run means are
@@ -41,7 +41,7 @@ MIXTURES = {  # keys name the runs (<method>-<mixture>-udhr-<seed>, spaces as da
     "sw only": ["sampler=monolingual", "sampler.language=sw"],
     "zh-Hans only": ["sampler=monolingual", "sampler.language=zh-Hans"],
 }
-# aggregations of a language's per-layer errors into one predicted damage (the run's own is "mean")
+# aggregations of a language's per-layer output errors into one figure (the record's output_error is "mean")
 AGGREGATIONS = {
     "mean": lambda e: sum(e) / len(e),
     "median": statistics.median,
@@ -52,8 +52,11 @@ AGGREGATIONS = {
 }
 
 
+PREDICTORS = ("predicted", *AGGREGATIONS)  # the predicted log ratio, then the output error's aggregations
+
+
 def within_language(records: dict, n_resamples: int) -> list[str]:
-    """Per aggregation, Spearman's ρ between predicted and measured damage after removing each language's level and
+    """Per predictor, Spearman's ρ between predicted and measured damage after removing each language's level and
     each run's level (two-way fixed effects, mbs/analyze/retention.py's two_way_correlation, 95% CI resampling
     languages): does the prediction follow how a mixture changes *this* language's damage beyond what it does to
     every language?"""
@@ -63,6 +66,7 @@ def within_language(records: dict, n_resamples: int) -> list[str]:
 
     # retention.py's metric is the log retention, -log ratio: its correlations with damage are negated back below
     rows = [{"experiment_id": f"{name}-{seed}", "language": k, "log_retention": -measured,
+             "predicted": r["risk"]["predicted"][k],
              **{a: f(r["risk"]["per_layer"][k]) for a, f in AGGREGATIONS.items()}}
             for (name, seed), r in records.items() for k, measured in r["risk"]["measured_log_ratio"].items()]
     df = pd.DataFrame(rows)
@@ -70,10 +74,12 @@ def within_language(records: dict, n_resamples: int) -> list[str]:
     lines = [f"\nwithin language and run ({len(records)} runs, {languages} languages, n = {len(df)} points): "
              f"Spearman of predicted vs measured after removing language and run means, 95% CI resampling languages "
              f"({n_resamples} resamples)",
-             "| aggregation | ρ [95% CI] |", "|---|---:|"]
-    for a in AGGREGATIONS:
+             "| predictor | ρ [95% CI] |", "|---|---:|"]
+    for a in PREDICTORS:
         c = two_way_correlation(df, a, f"predicted damage ({a})", n_resamples=n_resamples)
-        lines.append(f"| {a} | {estimate_text(-c.spearman, (-c.spearman_ci[1], -c.spearman_ci[0]), languages, 3)} |")
+        label = "predicted log ratio" if a == "predicted" else f"output error, {a} of layers"
+        lines.append(f"| {label} | "
+                     f"{estimate_text(-c.spearman, (-c.spearman_ci[1], -c.spearman_ci[0]), languages, 3)} |")
     return lines
 
 
@@ -104,8 +110,9 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="mbs-damage-"))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     records, model, weights = {}, None, None
-    print("| mixture | seed | languages | " + " | ".join(f"ρ {a}" for a in AGGREGATIONS) + " | risk s | compress s |")
-    print("|---|---:|---:|" + "---:|" * (len(AGGREGATIONS) + 2))
+    print("| mixture | seed | languages | ρ predicted log ratio | "
+          + " | ".join(f"ρ output error {a}" for a in AGGREGATIONS) + " | risk s | compress s |")
+    print("|---|---:|---:|" + "---:|" * (len(AGGREGATIONS) + 3))
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for name in mixtures:
@@ -122,8 +129,9 @@ def main() -> None:
                 measured = {r["language"]: r["log_ratio"] for r in result["languages"] if r["language"] in
                             risk["predicted"]}
                 risk["measured_log_ratio"] = measured
-                rhos = {a: spearman_or_none({k: f(e) for k, e in risk["per_layer"].items()}, measured)
-                        for a, f in AGGREGATIONS.items()}
+                rhos = {"predicted": spearman_or_none(risk["predicted"], measured),
+                        **{a: spearman_or_none({k: f(e) for k, e in risk["per_layer"].items()}, measured)
+                           for a, f in AGGREGATIONS.items()}}
                 records[name, seed] = {"overrides": MIXTURES[name], "seed": seed, "spearman": rhos, "risk": risk,
                                        "calibration": result["calibration"]["segments"],
                                        "timings": {**result["timings"], "risk_s": risk_s}}

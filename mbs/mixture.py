@@ -4,7 +4,8 @@ mixture that protects the target languages, chosen on predicted damage (mbs/anal
 The run overrides (``model=... compressor=... data=... seed=... risk.segments=...``) say which compression is
 planned, as ``python run.py`` takes them. Each candidate mixture is compressed from cached dense statistics (each
 calibration language's ``risk.segments`` segments, one forward per language the first time, none after: they are
-kept in the model's cache) and scored on the targets' own statistics; no forward per candidate.
+kept in the model's cache) and scored by the log ratio on each target's ``risk.probe`` further calibration segments
+(mbs/analyze/damage.py): one forward of the probes per candidate.
 
 The search starts from MBS (the model's training shares over the calibration languages), uniform and English-only,
 keeps the best of them, then takes multiplicative-weights steps (as group DRO weighs groups): each target's weight
@@ -126,7 +127,7 @@ class Search:
 
 
 def optimise(problem: Problem, starts: Mapping[str, Mapping[str, int]],
-             predict: Callable[[dict[str, int]], dict[str, float]], iterations: int = 16,
+             predict: Callable[[dict[str, int]], dict[str, float]], iterations: int = 8,
              eta: float = 1.0) -> Search:
     """The best counts found: the best starting point, improved by multiplicative-weights steps (module docstring).
     ``predict`` maps counts to each target's predicted damage."""
@@ -205,7 +206,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--languages", default=None,
                         help="comma-separated calibration languages the mixture may use (default: eval.languages "
                              "and the targets; English is always one)")
-    parser.add_argument("--iterations", type=int, default=16, help="multiplicative-weights steps (default 16)")
+    parser.add_argument("--iterations", type=int, default=8,
+                        help="multiplicative-weights steps, each at most one more scored mixture (default 8)")
     parser.add_argument("--out", default=MIXTURE_FILE, help="the mixture file to write (default %(default)s)")
     return parser.parse_known_args(argv)
 
@@ -269,7 +271,8 @@ def _main(args: argparse.Namespace, overrides: list[str], command: str) -> int:
     model = load_model(run.model, seed=run.seed)
     statistics = LanguageStatistics(model, prepared.source, weights_fingerprint(model), model_cache(run.model),
                                     run.engine.device, force=run.force, pool=run.risk.segments)
-    predictor = damage.DamagePredictor(model, run.compressor, statistics, problem.targets, run.risk.segments)
+    predictor = damage.DamagePredictor(model, run.compressor, statistics, problem.targets, run.risk.segments,
+                                       run.risk.probe, run.engine.device, run.eval.dtype)
     if predictor.skipped:
         raise ValueError("--targets: " + "; ".join(predictor.skipped.values()))
     search = optimise(problem, starts, predictor.predict, args.iterations)

@@ -419,18 +419,22 @@ def execute(cfg: DictConfig, prepared: Prepared, output_dir: Path) -> RunResult:
 
 
 def predict_risk(model: nn.Module, prepared: Prepared, weights: str) -> dict[str, Any]:
-    """The predicted damage of every evaluated language under the run's calibration counts, from the dense model's
-    statistics of ``risk.segments`` calibration segments per language (kept in the model's cache with
-    ``engine.mode=cached``'s; a language without calibration text in the corpus is listed, not predicted)."""
+    """The predicted damage of every evaluated language under the run's calibration counts (mbs/analyze/damage.py):
+    from the dense model's statistics of ``risk.segments`` calibration segments per language (kept in the model's
+    cache with ``engine.mode=cached``'s) and the log ratio on ``risk.probe`` further calibration segments of each
+    (a language without calibration text in the corpus is listed, not predicted)."""
     run = prepared.run
     statistics = LanguageStatistics(model, prepared.source, weights, model_cache(run.model), run.engine.device,
                                     force=run.force, pool=run.risk.segments)
     available = set(run.data.languages())
     targets = [k for k in run.eval.languages if k in available]
-    predictor = damage.DamagePredictor(model, run.compressor, statistics, targets, run.risk.segments)
-    per_layer = predictor.per_layer(prepared.counts)
-    return {"method": damage.METHOD, "segments_per_language": run.risk.segments, "split": "calibration",
-            "predicted": damage.aggregate(per_layer), "per_layer": per_layer,
+    predictor = damage.DamagePredictor(model, run.compressor, statistics, targets, run.risk.segments, run.risk.probe,
+                                       run.engine.device, run.eval.dtype)
+    assessment = predictor.assess(prepared.counts)
+    return {"method": damage.METHOD, "segments_per_language": run.risk.segments,
+            "probe_segments_per_language": run.risk.probe, "split": "calibration",
+            "predicted": assessment.log_ratio, "output_error_method": damage.OUTPUT_ERROR,
+            "output_error": assessment.output_error, "per_layer": assessment.per_layer,
             "not_predicted": {**{k: f"no calibration text in {run.data.name}" for k in run.eval.languages
                                  if k not in available}, **predictor.skipped}}
 
@@ -586,7 +590,9 @@ def plan_text(prepared: Prepared) -> str:
     if run.risk.predict:
         lines.append(f"predicted damage: SKIPPED ({prepared.risk_skipped})" if prepared.risk_skipped else
                      f"predicted damage: {run.risk.segments} calibration segments per evaluated and calibration "
-                     f"language through the dense model (cached in the model's cache), before compressing")
+                     f"language through the dense model (cached in the model's cache), then {run.risk.probe} more "
+                     f"per evaluated language through the dense model and the model compressed from those "
+                     f"statistics, before compressing")
     lines.append("time: not estimated (it depends on the machine; the README gives measured runs)")
     return "\n".join(lines)
 

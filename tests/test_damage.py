@@ -78,7 +78,7 @@ def test_per_layer_error_equals_a_direct_computation_with_hooks(tokenizer, compr
     counts = {"en": 6, "sw": 2}  # en above the pool: its first POOL segments scaled by 6/4
     predictor = DamagePredictor(model, compressor, LanguageStatistics(model, source, "", None, pool=POOL),
                                 ["fr", "sw", "yo"], POOL)
-    got = predictor.per_layer(counts)
+    got = predictor.assess(counts).per_layer
     want = direct_errors(model, compressor, source, counts, ["fr", "sw", "yo"])
     assert set(got) == {"fr", "sw", "yo"}
     for language in want:
@@ -86,8 +86,7 @@ def test_per_layer_error_equals_a_direct_computation_with_hooks(tokenizer, compr
         assert got[language] == pytest.approx(want[language], rel=1e-4)
         assert all(e > 0 for e in got[language])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # weights put back
-    predicted = aggregate(got)
-    assert predicted["sw"] == pytest.approx(sum(got["sw"]) / len(got["sw"]))
+    assert aggregate(got)["sw"] == pytest.approx(sum(got["sw"]) / len(got["sw"]))
 
 
 def test_the_mixture_changes_the_prediction_of_wanda_and_not_of_magnitude(tokenizer):
@@ -96,9 +95,11 @@ def test_the_mixture_changes_the_prediction_of_wanda_and_not_of_magnitude(tokeni
     english, swahili = {"en": 4}, {"sw": 4}
     wanda = DamagePredictor(model, Wanda(sparsity=0.5), LanguageStatistics(model, source, "", None, pool=POOL),
                             ["en", "sw"], POOL)
+    assert wanda.assess(english).output_error != wanda.assess(swahili).output_error
     assert wanda.predict(english) != wanda.predict(swahili)
     magnitude = DamagePredictor(model, Magnitude(sparsity=0.5), LanguageStatistics(model, source, "", None,
                                                                                    pool=POOL), ["en", "sw"], POOL)
+    assert magnitude.assess(english).output_error == magnitude.assess(swahili).output_error
     assert magnitude.predict(english) == magnitude.predict(swahili)
 
 
@@ -108,6 +109,47 @@ class CalibrationOnly(UDHRCorpus):
     def texts(self, language, split):
         assert split == "calibration", f"the prediction read the {split} split of {language}"
         return super().texts(language, split)
+
+
+def probe_nll(model: nn.Module, segments: torch.Tensor) -> float:
+    """Mean next-token NLL over ``segments`` by the model's own loss (no MBS evaluation code)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for segment in segments:
+            loss = model(input_ids=segment[None], labels=segment[None]).loss
+            total += float(loss) * (segment.numel() - 1)
+            count += segment.numel() - 1
+    return total / count
+
+
+@pytest.mark.parametrize("compressor", [Wanda(sparsity=0.5), RTN(bits=3)], ids=["wanda", "rtn"])
+def test_predicted_damage_is_the_log_ratio_on_later_calibration_segments(tokenizer, compressor):
+    """The predicted damage equals the log ratio, computed directly, of a copy compressed from hooked mixture sums
+    on the probe segments: the calibration segments after the ones the statistics hold."""
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    source = SegmentSource(tokenizer, UDHRCorpus(), SEQLEN, 0, True)
+    counts, targets, probe = {"en": 6, "sw": 2}, ["fr", "sw"], 3
+    predictor = DamagePredictor(model, compressor, LanguageStatistics(model, source, "", None, pool=POOL),
+                                targets, POOL, probe, dtype="float32")
+    got = predictor.predict(counts)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # weights put back
+    compressed = copy.deepcopy(model)
+    mixture: dict = {}
+    for language, count in counts.items():
+        used = min(count, POOL)
+        for key, value in hooked_sums(model, source.segments(language, used)).items():
+            mixture[key] = mixture.get(key, 0) + value * (count / used)
+    for i, layer in enumerate(Adapter(compressed).layers):
+        for name, module in Adapter(compressed).linears(layer).items():
+            compressor.compress(name, module, ColumnSquares.from_sum(mixture[i, name].float(),
+                                                                    sum(counts.values()) * SEQLEN))
+    for language in targets:
+        probes = source.segments(language, POOL + probe)[POOL:]
+        assert probes.shape[0] == probe
+        want = probe_nll(compressed, probes) - probe_nll(model, probes)
+        assert got[language] == pytest.approx(want, abs=1e-4)
+    assert got["fr"] != got["sw"]
 
 
 def test_predictions_read_calibration_text_only(tokenizer):

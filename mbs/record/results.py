@@ -193,7 +193,8 @@ def risk_markdown(risk: dict[str, Any]) -> str:
     across languages (results.json ``risk``, mbs/analyze/damage.py)."""
     measured = risk.get("measured_log_ratio")
     if measured is None:
-        head = "Predicted damage (relative output error) of each evaluated language, before compressing:"
+        head = ("Predicted damage (log ratio on calibration text, model compressed from dense statistics) of each "
+                "evaluated language, before compressing:")
         lines = ["| language | predicted damage |", "|---|---:|"]
     else:
         rho = risk.get("spearman")
