@@ -55,3 +55,19 @@ def test_streaming_benchmark_reports_a_run_the_memory_limit_killed(mbs_cache, tm
     assert not list(Path("/sys/fs/cgroup/memory").glob(f"mbs-streaming-bench-{proc.pid}-*"))  # its own, removed
     left = [p.name for p in tmp_path.iterdir() if p.name != "torchinductor_root"]  # torch's own compile cache
     assert not left  # no offload folder or checkpoint left behind
+
+
+def test_a_search_that_returned_a_start_reuses_that_starts_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from mixture_value import returned_start
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import yaml
+
+    starts = {"mbs": {"en": 3, "sw": 1}, "uniform": {"en": 2, "sw": 2}, "english": {"en": 4}}
+    path = tmp_path / "optimized.yaml"
+    for counts, want in (({"en": 2, "sw": 2}, "uniform"), ({"en": 3, "sw": 1}, "mbs"), ({"en": 1, "sw": 3}, None),
+                         ({"en": 4}, None)):  # English-only is not among the benchmark's runs
+        path.write_text(yaml.safe_dump({"per_language": counts, "starting_points": starts}))
+        assert returned_start(path) == want
