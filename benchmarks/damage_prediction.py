@@ -77,7 +77,7 @@ def within_language(records: dict, n_resamples: int) -> list[str]:
              "| predictor | ρ [95% CI] |", "|---|---:|"]
     for a in PREDICTORS:
         c = two_way_correlation(df, a, f"predicted damage ({a})", n_resamples=n_resamples)
-        label = "predicted log ratio" if a == "predicted" else f"output error, {a} of layers"
+        label = "predicted log ratio" if a == "predicted" else f"output error ({a})"
         lines.append(f"| {label} | "
                      f"{estimate_text(-c.spearman, (-c.spearman_ci[1], -c.spearman_ci[0]), languages, 3)} |")
     return lines

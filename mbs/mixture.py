@@ -2,18 +2,21 @@
 mixture that protects the target languages, chosen on predicted damage (mbs/analyze/damage.py) before compressing.
 
 The run overrides (``model=... compressor=... data=... seed=... risk.segments=...``) say which compression is
-planned, as ``python run.py`` takes them. Each candidate mixture is compressed from cached dense statistics (each
-calibration language's ``risk.segments`` segments, one forward per language the first time, none after: they are
-kept in the model's cache) and scored by the log ratio on each target's ``risk.probe`` further calibration segments
-(mbs/analyze/damage.py): one forward of the probes per candidate.
+planned, as ``python run.py`` takes them. A mixture is compressed from cached dense statistics (each calibration
+language's ``risk.segments`` segments, one forward per language the first time, none after: they are kept in the
+model's cache), never by the engine itself.
 
-The search starts from MBS (the model's training shares over the calibration languages), uniform and English-only,
-keeps the best of them, then takes multiplicative-weights steps (as group DRO weighs groups): each target's weight
-is multiplied by exp(η·g), g its part in the objective (worst: (damage / worst)^16, the worst targets; mean: its damage;
+The starting points, MBS (the model's training shares over the calibration languages), uniform and English-only, are
+each measured on the probes: the log ratio on each target's ``risk.probe`` further calibration segments
+(mbs/analyze/damage.py), one forward of the probes each. From the best of them (the anchor) the search takes
+multiplicative-weights steps (as group DRO weighs groups) on damage extrapolated from the anchor without a forward
+(the anchor's log ratio times the change of each target's output error): each target's weight is multiplied by
+exp(η·g), g its part in the objective (worst: (damage / worst)^16, the worst targets; mean: its damage;
 share-weighted: share × damage), relative to the largest; a step that does not lower the objective is undone and η
-halved. So the optimum is never worse on its objective than the best starting point. Counts come from the weights by
-the samplers' one rule (largest remainder, mbs/data/sampling.py) and sum to the budget exactly. The counts are
-written as a mixture file that ``python run.py sampler=optimized sampler.path=<file>`` reads.
+halved. The optimum is then measured on the probes and kept only if it beats the anchor there, so the result is
+never worse on its measured objective than the best starting point. Counts come from the weights by the samplers'
+one rule (largest remainder, mbs/data/sampling.py) and sum to the budget exactly. The counts are written as a
+mixture file that ``python run.py sampler=optimized sampler.path=<file>`` reads.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 OBJECTIVES = ("worst", "mean", "share-weighted")
 WORST_POWER = 16  # how sharply the worst objective's step focuses on the worst targets (a soft group-DRO max)
@@ -124,6 +127,8 @@ class Search:
     starts: dict[str, Candidate]
     steps: list[dict[str, Any]]  # per step: eta, value, accepted
     predictions: int
+    probed: int = 0  # mixtures whose damage was measured on the probe segments (the rest extrapolated)
+    outcome: str = ""  # how the best was chosen, in words
 
 
 def optimise(problem: Problem, starts: Mapping[str, Mapping[str, int]],
@@ -168,6 +173,40 @@ def optimise(problem: Problem, starts: Mapping[str, Mapping[str, int]],
         else:
             eta /= 2
     return Search(best, evaluated, steps, predictions)
+
+
+class Assessor(Protocol):
+    """What :func:`search_mixture` needs of mbs.analyze.damage.DamagePredictor."""
+
+    def assess(self, counts: Mapping[str, int]) -> Any: ...
+
+    def extrapolate(self, anchor: Any, counts: Mapping[str, int]) -> dict[str, float]: ...
+
+
+def search_mixture(problem: Problem, starts: Mapping[str, Mapping[str, int]], predictor: Assessor,
+                   iterations: int = 8) -> Search:
+    """Every start measured on the probes; from the best (the anchor), multiplicative-weights steps on damage
+    extrapolated from it without a forward (:meth:`DamagePredictor.extrapolate`); the optimum measured on the probes
+    and kept only if it beats the anchor there. So the result is never worse on its probe-measured objective than the
+    best starting point, and the search costs (starts + 1) probe forwards."""
+    assessed = {name: predictor.assess(counts) for name, counts in starts.items()}
+    measured = {name: Candidate({k: int(v) for k, v in starts[name].items() if v}, a.log_ratio,
+                                problem.value(a.log_ratio)) for name, a in assessed.items()}
+    anchor = min(measured, key=lambda name: measured[name].value)
+    inner = optimise(problem, {anchor: starts[anchor]}, lambda c: predictor.extrapolate(assessed[anchor], c),
+                     iterations)
+    best, probed = measured[anchor], len(measured)
+    outcome = f"no step improved the extrapolated {problem.objective} damage of the best start ({anchor})"
+    if inner.best.counts != measured[anchor].counts:
+        damage = predictor.assess(inner.best.counts).log_ratio
+        probed += 1
+        candidate = Candidate(inner.best.counts, damage, problem.value(damage))
+        if candidate.value < best.value:
+            best, outcome = candidate, f"the search's optimum, measured on the probes, beat the best start ({anchor})"
+        else:
+            outcome = (f"the search's optimum, measured on the probes ({candidate.value:.4g}), did not beat the best "
+                       f"start ({anchor}, {best.value:.4g}): the start is kept")
+    return Search(best, measured, inner.steps, inner.predictions + len(measured), probed, outcome)
 
 
 def mixture_text(search: Search, problem: Problem, command: str, setup: Mapping[str, Any]) -> str:
@@ -275,19 +314,21 @@ def _main(args: argparse.Namespace, overrides: list[str], command: str) -> int:
                                        run.risk.probe, run.engine.device, run.eval.dtype)
     if predictor.skipped:
         raise ValueError("--targets: " + "; ".join(predictor.skipped.values()))
-    search = optimise(problem, starts, predictor.predict, args.iterations)
+    search = search_mixture(problem, starts, predictor, args.iterations)
     seconds = time.perf_counter() - t0
     setup = {"model": run.model.name, "compressor": {"method": type(run.compressor).__name__.lower(),
                                                     **_fields(run.compressor)},
              "data": run.data.name, "seed": run.seed, "risk_segments": run.risk.segments,
-             "overrides": overrides, "predictions": search.predictions, "seconds": round(seconds, 1)}
+             "overrides": overrides, "predictions": search.predictions, "probed": search.probed,
+             "outcome": search.outcome, "seconds": round(seconds, 1)}
     text = mixture_text(search, problem, command, setup)
     from mbs.atomic import atomic_write_all
 
     out = Path(args.out).expanduser()
     atomic_write_all({out: text})
     print(f"predicted damage ({damage.METHOD}), objective {problem.objective} over {', '.join(problem.targets)}; "
-          f"{search.predictions} mixtures scored in {seconds:.1f}s")
+          f"{search.predictions} mixtures scored ({search.probed} on the probes, the rest extrapolated) in "
+          f"{seconds:.1f}s; {search.outcome}")
     print(comparison_table(search, problem))
     print("optimized counts: " + ", ".join(f"{k} {v}" for k, v in search.best.counts.items()))
     print(f"wrote {out}; use it with: python run.py sampler=optimized sampler.path={shlex.quote(str(out))} "

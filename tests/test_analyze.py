@@ -411,3 +411,28 @@ def test_two_way_fixed_effects_remove_a_language_level_confound(tmp_path):
     planted = sweep(tmp_path / "b", effect=2.0)
     assert planted.two_way[0].pearson > 0.9 and planted.two_way[0].pearson_ci[0] > 0.5
     assert "job and language fixed effects" in (tmp_path / "a" / "analysis" / "analysis.md").read_text()
+
+
+def test_language_effects_within_a_seed_remove_a_language_by_seed_confound():
+    """A factor and the measured damage both shift with each (language, seed) pair (as a seed's own probe text would),
+    and within a seed the factor follows the damage: one language effect over every seed is fooled by the shifts,
+    one language effect per seed (``within="seed"``) recovers the planted relation; the bootstrap still resamples the
+    languages."""
+    from mbs.analyze.retention import two_way_correlation
+
+    rng = np.random.default_rng(7)
+    rows = []
+    for seed in range(3):
+        for lang in [f"l{i:02d}" for i in range(12)]:
+            shift = rng.normal(0, 1)  # this language's offset on this seed, in the factor only
+            base = rng.normal(0, 1)
+            for job in range(3):
+                damage = base + 0.3 * job + rng.normal(0, 0.3)
+                rows.append({"experiment_id": f"{job}-{seed}", "language": lang, "seed": seed,
+                             "log_retention": -damage, "factor": damage + 5 * shift + rng.normal(0, 0.1)})
+    df = pd.DataFrame(rows)
+    pooled = two_way_correlation(df, "factor", "factor", n_resamples=500)
+    per_seed = two_way_correlation(df, "factor", "factor", n_resamples=500, within="seed")
+    assert abs(pooled.spearman) < 0.4
+    assert per_seed.spearman < -0.8 and per_seed.spearman_ci[1] < -0.6  # retention is −damage
+    assert per_seed.languages == pooled.languages == 12 and per_seed.n == 108

@@ -175,3 +175,17 @@ def test_spearman_needs_three_languages_that_vary():
     assert spearman_or_none({"a": 1, "b": 2, "c": 3}, {"a": 0.1, "b": 0.3, "c": 0.2}) == pytest.approx(0.5)
     assert spearman_or_none({"a": 1, "b": 2}, {"a": 0.1, "b": 0.3}) is None
     assert spearman_or_none({"a": 1, "b": 1, "c": 1}, {"a": 0.1, "b": 0.3, "c": 0.2}) is None
+
+
+def test_extrapolation_scales_the_anchors_log_ratio_by_the_change_of_output_error(tokenizer):
+    model = tiny("llama")
+    source = SegmentSource(tokenizer, UDHRCorpus(), SEQLEN, 0, True)
+    predictor = DamagePredictor(model, Wanda(sparsity=0.5), LanguageStatistics(model, source, "", None, pool=POOL),
+                                ["en", "sw"], POOL)
+    anchor = predictor.assess({"en": 4})
+    assert predictor.extrapolate(anchor, {"en": 4}) == pytest.approx(anchor.log_ratio)  # at the anchor: itself
+    other = predictor.assess({"sw": 4})
+    got = predictor.extrapolate(anchor, {"sw": 4})
+    for k in ("en", "sw"):
+        assert got[k] == pytest.approx(anchor.log_ratio[k] * other.output_error[k] / anchor.output_error[k])
+    assert predictor.assess({"sw": 4}, probe=False).log_ratio == {}

@@ -5,7 +5,7 @@ import yaml
 
 import mbs.mixture as mixture
 from conftest import compose_run
-from mbs.mixture import Problem, check_problem, optimise, starting_points
+from mbs.mixture import Problem, check_problem, optimise, search_mixture, starting_points
 
 DISTRIBUTION = {"en": 0.5, "fr": 0.3, "sw": 0.15, "yo": 0.05}
 LANGUAGES = ["en", "fr", "sw", "yo"]
@@ -32,6 +32,39 @@ def test_the_optimum_spends_the_budget_exactly_and_beats_or_ties_every_start(obj
     assert search.best.value == pytest.approx(problem.value(synthetic(search.best.counts)))
     if budget >= 13:  # room to move: the search finds better than every start on this damage
         assert search.best.value < min(c.value for c in search.starts.values())
+
+
+class FakePredictor:
+    """Measured damage is ``synthetic``; extrapolation is that (truthful) or its opposite (misleading)."""
+
+    def __init__(self, misleading: bool) -> None:
+        self.misleading, self.assessed = misleading, []
+
+    def assess(self, counts):
+        self.assessed.append(dict(counts))
+        return type("A", (), {"log_ratio": synthetic(counts)})()
+
+    def extrapolate(self, anchor, counts):
+        damage = synthetic(counts)
+        return {k: 1.0 / v for k, v in damage.items()} if self.misleading else damage
+
+
+@pytest.mark.parametrize("misleading", [False, True], ids=["truthful", "misleading"])
+def test_the_search_is_never_worse_than_the_best_start_measured_on_the_probes(misleading):
+    problem = check_problem(["sw", "yo"], 64, "worst", LANGUAGES, LANGUAGES, "toy", DISTRIBUTION)
+    starts = starting_points(problem, DISTRIBUTION)
+    predictor = FakePredictor(misleading)
+    search = search_mixture(problem, starts, predictor, iterations=8)
+    best_start = min(c.value for c in search.starts.values())
+    assert sum(search.best.counts.values()) == 64
+    assert search.best.value == pytest.approx(problem.value(synthetic(search.best.counts)))  # measured, not guessed
+    assert search.best.value <= best_start
+    assert search.probed == len(predictor.assessed) <= len(starts) + 1  # the starts and at most the optimum
+    if misleading:  # every step it takes leads away; what it finds loses on the probes and the start is kept
+        assert search.best.value == best_start
+        assert "did not beat" in search.outcome or "no step" in search.outcome
+    else:
+        assert search.best.value < best_start and "beat the best start" in search.outcome
 
 
 def test_objectives_are_what_they_say():

@@ -181,10 +181,10 @@ class DamagePredictor:
         losses = evaluate_languages(self.model, self.probes, self.device, progress=False, dtype=self.dtype)
         return {k: v.mean_nll for k, v in losses.items()}
 
-    def assess(self, counts: Mapping[str, int]) -> Assessment:
-        """Each target's predicted log ratio and per-layer output errors under the compression calibrated on
-        ``counts`` segments; the model is left as it was."""
-        if self._dense is None:
+    def assess(self, counts: Mapping[str, int], probe: bool = True) -> Assessment:
+        """Each target's predicted log ratio (``probe``; else none, and no forward) and per-layer output errors
+        under the compression calibrated on ``counts`` segments; the model is left as it was."""
+        if probe and self._dense is None:
             self._dense = self._losses()
         mixed: dict[str, torch.Tensor] = {}
         if self.compressor.needs_statistics or self.compressor.needs_profile:  # magnitude, rtn: the mixture is moot
@@ -192,12 +192,19 @@ class DamagePredictor:
         tokens = sum(counts.values()) * self.statistics.source.seqlen
         with compressed_from_sums(self.model, self.compressor, mixed, self.statistics.leaders, tokens) as originals:
             per_layer = layer_errors(self.model, originals, self.statistics.leaders, self.targets)
-            compressed = self._losses()
-        return Assessment({k: compressed[k] - self._dense[k] for k in self.targets}, per_layer)
+            compressed = self._losses() if probe else {}
+        return Assessment({k: compressed[k] - self._dense[k] for k in self.targets} if probe else {}, per_layer)
 
     def predict(self, counts: Mapping[str, int]) -> dict[str, float]:
         """Each target's predicted damage (log ratio on its probe segments) under ``counts``."""
         return self.assess(counts).log_ratio
+
+    def extrapolate(self, anchor: Assessment, counts: Mapping[str, int]) -> dict[str, float]:
+        """Each target's log ratio under ``counts`` extrapolated from an assessed mixture without a forward: the
+        anchor's probe log ratio times the ratio of the output errors, r_A · e(counts) / e_A. The probe ranks the
+        languages, the output error follows how a change of mixture moves each one (README, Predicted damage)."""
+        error = self.assess(counts, probe=False).output_error
+        return {k: anchor.log_ratio[k] * error[k] / anchor.output_error[k] for k in self.targets}
 
 
 def spearman_or_none(predicted: Mapping[str, float], measured: Mapping[str, float]) -> float | None:

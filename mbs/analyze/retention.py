@@ -334,16 +334,20 @@ def two_way_residuals(values: np.ndarray, groups: np.ndarray, units: np.ndarray)
 
 
 def two_way_correlation(df: pd.DataFrame, factor: str, label: str, seed: int = 0, n_resamples: int = N_RESAMPLES,
-                        metric: str = "log_ratio") -> Correlation:
+                        metric: str = "log_ratio", within: str | None = None) -> Correlation:
     """Spearman and Pearson of retention with ``factor`` after removing job and language fixed effects: does a
     language keep more in the jobs whose mixture is more similar to it, whatever it keeps on average (its script,
     tokens per byte, share) and whatever a job costs every language? Needs a factor that varies within a language
-    across jobs (similarity; not the share). The bootstrap resamples languages; a language drawn twice counts as two."""
+    across jobs (similarity; not the share). ``within`` (a column, e.g. the seed): one language effect per value of
+    it, so only jobs that share it are compared within a language. The bootstrap resamples languages (with all their
+    rows); a language drawn twice counts as two."""
     usable = _usable(df, [factor], metric)
     left_out = sorted(set(df["language"]) - set(usable["language"]))
     _need_languages(usable, label)
     groups = pd.factorize(usable["experiment_id"])[0]
-    codes = pd.factorize(usable["language"])[0]
+    languages = pd.factorize(usable["language"])[0]
+    codes = languages if within is None else pd.factorize(usable["language"].astype(str) + "\x00"
+                                                          + usable[within].astype(str))[0]
     xy = usable[[factor, metric_of(metric).column]].to_numpy(float)
 
     def statistic(rows: np.ndarray) -> np.ndarray:
@@ -353,7 +357,7 @@ def two_way_correlation(df: pd.DataFrame, factor: str, label: str, seed: int = 0
             seen[row] = seen.get(row, -1) + 1
             draw[k] = seen[row]
         units = pd.factorize(codes[rows] * len(rows) + draw)[0]
-        if np.unique(codes[rows]).size < 2:
+        if np.unique(languages[rows]).size < 2:
             return np.full(2, math.nan)
         res = two_way_residuals(xy[rows], pd.factorize(groups[rows])[0], units)
         return spearman_pearson(res[:, 0], res[:, 1])
