@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from resumable import run_or_resume, subset  # noqa: E402
 
+from mbs.analyze.damage import spearman_or_none  # noqa: E402
+
 MIXTURES = {  # keys name the runs (<method>-<mixture>-udhr-<seed>, spaces as dashes), as self_calibration.py does
     "english": ["sampler=english"],
     "mbs": ["sampler=mbs"],
@@ -52,7 +54,46 @@ AGGREGATIONS = {
 }
 
 
-PREDICTORS = ("predicted", *AGGREGATIONS)  # the predicted log ratio, then the output error's aggregations
+PREDICTORS = ("predicted", "extrapolated", *AGGREGATIONS)  # log ratio, extrapolated, output error's aggregations
+
+
+def extrapolated(records: dict, target: tuple[str, int], anchor: tuple[str, int]) -> dict[str, float]:
+    """The target run's damage extrapolated from the anchor run's as the mixture search does it
+    (DamagePredictor.extrapolate): the anchor's predicted log ratio times the ratio of the output errors."""
+    a, t = records[anchor]["risk"], records[target]["risk"]
+    return {k: a["predicted"][k] * t["output_error"][k] / a["output_error"][k] for k in t["predicted"]}
+
+
+def anchors(records: dict) -> dict[tuple[str, int], tuple[str, int]]:
+    """Each run's anchor for the extrapolated predictor: one run per seed (MBS, else uniform, else the first), as the
+    search extrapolates every candidate from its one best start (the anchor's own value is its predicted one)."""
+    out = {}
+    for name, seed in records:
+        ranked = ["mbs", "uniform", *(n for n, s in records if s == seed)]
+        out[name, seed] = next((o, seed) for o in ranked if (o, seed) in records)
+    return out
+
+
+def extrapolation_table(records: dict) -> list[str]:
+    """Spearman across languages of each run's damage extrapolated from every other run of its seed."""
+    names = list(dict.fromkeys(n for n, _ in records))
+    lines = ["\nextrapolated (the mixture search's predictor between probe measurements): Spearman across languages "
+             "within the target run, of its damage extrapolated from the anchor run's",
+             "| seed | anchor / target | " + " | ".join(names) + " |", "|---:|---|" + "---:|" * len(names)]
+    for seed in dict.fromkeys(s for _, s in records):
+        for anchor in names:
+            if (anchor, seed) not in records:
+                continue
+            cells = []
+            for target in names:
+                if (target, seed) not in records:
+                    cells.append("")
+                    continue
+                rho = spearman_or_none(extrapolated(records, (target, seed), (anchor, seed)),
+                                       records[target, seed]["risk"]["measured_log_ratio"])
+                cells.append("–" if rho is None else f"{rho:.3f}")
+            lines.append(f"| {seed} | {anchor} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def within_language(records: dict, n_resamples: int) -> list[str]:
@@ -64,20 +105,24 @@ def within_language(records: dict, n_resamples: int) -> list[str]:
 
     from mbs.analyze.retention import estimate_text, two_way_correlation
 
+    anchor = anchors(records)
     # retention.py's metric is the log retention, -log ratio: its correlations with damage are negated back below
-    rows = [{"experiment_id": f"{name}-{seed}", "language": k, "log_retention": -measured,
+    rows = [{"experiment_id": f"{name}-{seed}", "language": k, "seed": seed, "log_retention": -measured,
              "predicted": r["risk"]["predicted"][k],
+             "extrapolated": extrapolated(records, (name, seed), anchor[name, seed])[k],
              **{a: f(r["risk"]["per_layer"][k]) for a, f in AGGREGATIONS.items()}}
             for (name, seed), r in records.items() for k, measured in r["risk"]["measured_log_ratio"].items()]
     df = pd.DataFrame(rows)
     languages = df["language"].nunique()
     lines = [f"\nwithin language and run ({len(records)} runs, {languages} languages, n = {len(df)} points): "
-             f"Spearman of predicted vs measured after removing language and run means, 95% CI resampling languages "
-             f"({n_resamples} resamples)",
+             f"Spearman of predicted vs measured after removing each run's mean and each language's mean within "
+             f"each seed (its probe and calibration text are the seed's), 95% CI resampling languages "
+             f"({n_resamples} resamples); extrapolated: every run of a seed from its MBS run's prediction",
              "| predictor | ρ [95% CI] |", "|---|---:|"]
     for a in PREDICTORS:
-        c = two_way_correlation(df, a, f"predicted damage ({a})", n_resamples=n_resamples)
-        label = "predicted log ratio" if a == "predicted" else f"output error ({a})"
+        c = two_way_correlation(df, a, f"predicted damage ({a})", n_resamples=n_resamples, within="seed")
+        label = {"predicted": "predicted log ratio", "extrapolated": "extrapolated log ratio"}.get(
+            a, f"output error ({a})")
         lines.append(f"| {label} | "
                      f"{estimate_text(-c.spearman, (-c.spearman_ci[1], -c.spearman_ci[0]), languages, 3)} |")
     return lines
@@ -97,7 +142,6 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     import mbs
-    from mbs.analyze.damage import spearman_or_none
     from mbs.fingerprint import weights_fingerprint
     from mbs.models.loading import load_model
     from mbs.pipeline import predict_risk, prepare
@@ -140,6 +184,7 @@ def main() -> None:
                       + f" | {risk_s:.1f} | {result['timings']['compress_s']:.1f} |", flush=True)
     if len(records) > 1:
         print("\n".join(within_language(records, 1000 if args.tiny else 10_000)))
+        print("\n".join(extrapolation_table(records)))
     path = out / "damage_prediction.json"
     path.write_text(json.dumps({"tiny": args.tiny, "runs": [{"mixture": n, **r} for (n, _), r in records.items()]},
                                indent=2))
