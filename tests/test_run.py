@@ -59,7 +59,7 @@ def test_run_end_to_end(tmp_path, arch, compressor):
         assert set(risk["predicted"]) == set(risk["measured_log_ratio"]) == set(risk["per_layer"]) == languages
         assert all(math.isfinite(value) for value in risk["predicted"].values())  # a log ratio: either sign
         assert set(risk["output_error"]) == languages and all(v > 0 for v in risk["output_error"].values())
-        assert risk["probe_segments_per_language"] == 2
+        assert risk["probe_segments_per_language"] == 4
         assert {len(v) for v in risk["per_layer"].values()} == {len(results["compression"]["layers"])}
         assert risk["measured_log_ratio"] == {r["language"]: r["log_ratio"] for r in results["languages"]}
         assert risk["spearman"] is None or -1 <= risk["spearman"] <= 1

@@ -51,7 +51,7 @@ class RiskConfig:
     # off by default: on the embedded default its first run costs about as much as the compression (README)
     predict: bool = False
     segments: int = 8  # calibration segments per language: each target's statistics, and the mixture's per language
-    probe: int = 2  # segments per language the predicted log ratio is measured on, drawn after the statistics' ones
+    probe: int = 4  # segments per language the predicted log ratio is measured on, drawn after the statistics' ones
 
     def __post_init__(self) -> None:
         for key in ("segments", "probe"):
@@ -158,7 +158,7 @@ class DamagePredictor:
     mixture's sums (no statistics forward) and forwards the probes once."""
 
     def __init__(self, model: nn.Module, compressor: Compressor, statistics: LanguageStatistics, targets: list[str],
-                 segments: int, probe: int = 2, device: str = "cpu", dtype: str = "float32-head") -> None:
+                 segments: int, probe: int = 4, device: str = "cpu", dtype: str = "float32-head") -> None:
         if statistics.pool != segments:
             raise ValueError(f"the statistics pool ({statistics.pool}) must be the prediction's segments ({segments})")
         self.model, self.compressor, self.statistics, self.segments = model, compressor, statistics, segments
