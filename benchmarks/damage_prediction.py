@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--mixtures", default=",".join(MIXTURES), help="comma-separated subset of: "
                         + ", ".join(MIXTURES))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds of the calibration sample")
+    parser.add_argument("--probe", type=int, default=None,
+                        help="probe segments per language (risk.probe; default: the run config's)")
     parser.add_argument("--tiny", action="store_true", help="the tiny Llama test model (seconds)")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the runs and the risk records (default: a temporary one, printed); runs "
@@ -151,6 +153,8 @@ def main() -> None:
               "compressor.sparsity=0.5"]
     if args.tiny:
         common += ["model=tiny-llama", "sampler.segments=16", "eval.languages=[en,zh-Hans,hi,sw,yo]"]
+    if args.probe is not None:  # risk.* is not part of the experiment id: the runs are read back
+        common.append(f"risk.probe={args.probe}")
     out = args.out or Path(tempfile.mkdtemp(prefix="mbs-damage-"))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     records, model, weights = {}, None, None
@@ -185,6 +189,8 @@ def main() -> None:
     if len(records) > 1:
         print("\n".join(within_language(records, 1000 if args.tiny else 10_000)))
         print("\n".join(extrapolation_table(records)))
+    probes = {r["risk"]["probe_segments_per_language"] for r in records.values()}
+    print(f"predicted log ratio on {', '.join(map(str, sorted(probes)))} probe segment(s) per language (risk.probe)")
     path = out / "damage_prediction.json"
     path.write_text(json.dumps({"tiny": args.tiny, "runs": [{"mixture": n, **r} for (n, _), r in records.items()]},
                                indent=2))

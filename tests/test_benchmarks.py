@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
       "Spearman between dense perplexity", "figure and runs"]),
     ("mixture_value.py", ["--seeds", "0", "--methods", "wanda"],
      ["| Wanda 50% | optimized |", "| Wanda 50% | uniform |", "worst language: optimized", "cost: the search took"]),
-    ("damage_prediction.py", ["--mixtures", "english,sw only"],
+    ("damage_prediction.py", ["--mixtures", "english,sw only", "--probe", "3"],
      ["| english | 0 | 5 |", "| sw only | 0 | 5 |", "within language and run (2 runs, 5 languages, n = 10 points)",
-      "| predicted log ratio | ", "| output error (mean) | ", "risk records"]),
+      "| predicted log ratio | ", "| output error (mean) | ", "on 3 probe segment(s) per language", "risk records"]),
     ("streaming_memory.py", ["--layers", "4", "--methods", "gptq"],
      ["| gptq | 4 | 0.00 GB | streamed |", "gptq, 4 layers: streamed perplexities bit-identical to in-memory: True"]),
 ])
