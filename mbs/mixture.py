@@ -12,8 +12,8 @@ each measured on the probes: the log ratio on each target's ``risk.probe`` furth
 multiplicative-weights steps (as group DRO weighs groups) on damage extrapolated from the anchor without a forward
 (the anchor's log ratio times the change of each target's output error): each target's weight is multiplied by
 exp(η·g), g its part in the objective (worst: (damage / worst)^16, the worst targets; mean: its damage;
-share-weighted: share × damage), relative to the largest; a step that does not lower the objective is undone and η
-halved. The optimum is then measured on the probes and kept only if it beats the anchor there, so the result is
+share-weighted: share × damage), relative to the largest, with η ≤ 1 and every calibration language kept at one
+segment at least; a step that does not lower the objective is undone and η halved. The optimum is then measured on the probes and kept only if it beats the anchor there, so the result is
 never worse on its measured objective than the best starting point. Counts come from the weights by the samplers'
 one rule (largest remainder, mbs/data/sampling.py) and sum to the budget exactly. The counts are written as a
 mixture file that ``python run.py sampler=optimized sampler.path=<file>`` reads.
@@ -33,7 +33,10 @@ from typing import Any, Protocol
 
 OBJECTIVES = ("worst", "mean", "share-weighted")
 WORST_POWER = 16  # how sharply the worst objective's step focuses on the worst targets (a soft group-DRO max)
-ETA_RANGE = (1e-3, 16.0)  # step sizes the search tries; outside them it stops
+ETA_RANGE = (1e-3, 1.0)  # step sizes the search tries (a step multiplies a weight by e at most); outside them it stops
+# every calibration language keeps a segment, as the samplers' default min_per_language: on the default a search that
+# could empty languages put 109 of 128 segments on one (seed 1) and GPTQ broke a language left without any (README)
+MIN_SEGMENTS = 1
 STARTS = ("mbs", "uniform", "english")
 
 log = logging.getLogger(__name__)
@@ -156,7 +159,7 @@ def optimise(problem: Problem, starts: Mapping[str, Mapping[str, int]],
         proposal = {k: w * math.exp(eta * parts.get(k, 0.0)) for k, w in weights.items()}
         mass = sum(proposal.values())
         proposal = {k: w / mass for k, w in proposal.items()}
-        counts = allocate(proposal, problem.budget, min_per_language=0)
+        counts = allocate(proposal, problem.budget, min_per_language=MIN_SEGMENTS)
         key = tuple(sorted((k, v) for k, v in counts.items() if v))
         if key in seen:  # the step rounds to counts already scored: a larger step is needed to move
             weights = proposal

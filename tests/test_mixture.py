@@ -32,6 +32,8 @@ def test_the_optimum_spends_the_budget_exactly_and_beats_or_ties_every_start(obj
     assert search.best.value == pytest.approx(problem.value(synthetic(search.best.counts)))
     if budget >= 13:  # room to move: the search finds better than every start on this damage
         assert search.best.value < min(c.value for c in search.starts.values())
+    if search.best.counts not in [dict(c) for c in starts.values()]:  # a step's counts keep every language
+        assert set(search.best.counts) == set(LANGUAGES)
 
 
 class FakePredictor:
