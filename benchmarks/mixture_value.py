@@ -35,14 +35,14 @@ MIXTURES = ("optimized", "mbs", "uniform")
 PREDICTED_WITH = ["compressor=wanda", "compressor.sparsity=0.5"]  # what the optimiser predicts (GPTQ: not predictable)
 
 
-def search(common: list[str], seed: int, budget: int, targets: list[str], path: Path) -> float:
+def search(common: list[str], seed: int, budget: int, targets: list[str], path: Path, objective: str) -> float:
     """Write the optimiser's mixture for ``seed`` to ``path`` (kept if there: a re-run reuses it); its seconds."""
     import yaml
 
     from mbs.mixture import main as mixture_main
 
     if not path.is_file():
-        argv = ["--targets", ",".join(targets), "--budget", str(budget), "--objective", "worst", "--out", str(path),
+        argv = ["--targets", ",".join(targets), "--budget", str(budget), "--objective", objective, "--out", str(path),
                 *common, *PREDICTED_WITH, f"seed={seed}"]
         with contextlib.redirect_stdout(io.StringIO()):
             code = mixture_main(argv)
@@ -72,6 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--objective", default="worst", choices=["worst", "mean", "share-weighted"],
+                        help="the search's objective (python -m mbs.mixture --objective; default worst)")
     parser.add_argument("--max-windows", type=int, default=0, help="evaluation windows per language (0: all)")
     parser.add_argument("--tiny", action="store_true", help="the tiny Llama test model (seconds)")
     parser.add_argument("--out", type=Path, default=None,
@@ -80,6 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     methods = subset(args.methods, METHODS, "--methods")
     seeds = [int(s) for s in args.seeds.split(",")]
+    tag = "" if args.objective == "worst" else f"{args.objective}-"  # the worst objective's files keep their names
 
     import mbs
     from mbs.config import build
@@ -98,8 +101,8 @@ def main() -> None:
     search_s: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            path = out / "mixtures" / f"optimized-{seed}.yaml"
-            search_s[seed] = search(common, seed, budget, targets, path)
+            path = out / "mixtures" / f"optimized-{tag}{seed}.yaml"
+            search_s[seed] = search(common, seed, budget, targets, path, args.objective)
             print(f"seed {seed}: optimised mixture in {search_s[seed]:.0f}s ({path})", flush=True)
             samplers = {"optimized": ["sampler=optimized", f"sampler.path={path}"], "mbs": ["sampler=mbs"],
                         "uniform": ["sampler=uniform"]}
@@ -112,7 +115,7 @@ def main() -> None:
                         jobs[method, mixture, seed] = jobs[method, same, seed]
                         continue
                     # the self-calibration benchmark's names for its UDHR runs: the same configs, read back
-                    key = f"{method}-{mixture}-udhr-{seed}"
+                    key = f"{method}-{mixture}-{tag if mixture == 'optimized' else ''}udhr-{seed}"
                     cfg = mbs.compose(*common, *samplers[mixture], *METHODS[method],
                                       *(last if method == "gptq" else []), f"seed={seed}")
                     result, resumed = run_or_resume(cfg, out / "runs" / f"{key}.json", Path(tmp) / key)
@@ -120,14 +123,15 @@ def main() -> None:
                     ratio, language = worst(result)
                     print(f"{key}: worst x{ratio:.3f} ({language}), overall x{result['summary']['geomean_ratio']:.3f}"
                           + (" (read back)" if resumed else ""), flush=True)
-    report(jobs, methods, seeds, search_s, out)
+    report(jobs, methods, seeds, search_s, out, args.objective)
 
 
-def report(jobs: dict, methods: list[str], seeds: list[int], search_s: dict[int, float], out: Path) -> None:
+def report(jobs: dict, methods: list[str], seeds: list[int], search_s: dict[int, float], out: Path,
+           objective: str = "worst") -> None:
     first = next(iter(jobs.values()))
     low = first["summary"]["low_resource_languages"]
     print(f"\nper method and mixture, over {len(seeds)} seed(s): geometric mean of the seeds [min–max]; worst = the "
-          f"largest perplexity ratio of any language (the optimiser's objective, on its prediction); low-resource = "
+          f"largest perplexity ratio of any language; the search's objective: {objective}; low-resource = "
           f"{len(low)} languages ({', '.join(low)})")
     print("| method | mixture | worst language | worst (languages) | low-resource | all languages | English |")
     print("|---|---|---:|---|---:|---:|---:|")
@@ -145,7 +149,7 @@ def report(jobs: dict, methods: list[str], seeds: list[int], search_s: dict[int,
                   f"{spread(values['all'])} | {spread(values['en'])} |")
     print()
     for method in methods:
-        for key, label in (("worst", "worst language"), ("low", "low-resource")):
+        for key, label in (("worst", "worst language"), ("low", "low-resource"), ("all", "all languages")):
             mine = figures[method, "optimized"][key]
             others = [figures[method, m][key] for m in ("mbs", "uniform")]
             if len(seeds) < 2:
@@ -162,7 +166,7 @@ def report(jobs: dict, methods: list[str], seeds: list[int], search_s: dict[int,
     print(f"\ncost: the search took {', '.join(f'{search_s[s]:.0f}' for s in seeds)} s per seed (its first run also "
           f"collects each language's statistics, later runs read them from the model's cache)"
           + (f"; one Wanda compression took {', '.join(f'{t:.0f}' for t in wanda)} s" if wanda else ""))
-    (out / "mixture_value.json").write_text(json.dumps(
+    (out / f"mixture_value{'' if objective == 'worst' else '-' + objective}.json").write_text(json.dumps(
         [{"method": m, "mixture": x, "seed": s, "summary": r["summary"], "languages": r["languages"],
           "timings": r["timings"], "calibration": r["calibration"]["segments"]} for (m, x, s), r in jobs.items()],
         indent=1))

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses (deselect: -m
       "Spearman between dense perplexity", "figure and runs"]),
     ("mixture_value.py", ["--seeds", "0", "--methods", "wanda"],
      ["| Wanda 50% | optimized |", "| Wanda 50% | uniform |", "worst language: optimized", "cost: the search took"]),
+    ("mixture_value.py", ["--seeds", "0", "--methods", "wanda", "--objective", "mean"],
+     ["the search's objective: mean", "| Wanda 50% | optimized |", "all languages: optimized"]),
     ("damage_prediction.py", ["--mixtures", "english,sw only", "--probe", "3"],
      ["| english | 0 | 5 |", "| sw only | 0 | 5 |", "within language and run (2 runs, 5 languages, n = 10 points)",
       "| predicted log ratio | ", "| output error (mean) | ", "on 3 probe segment(s) per language", "risk records"]),
