@@ -336,9 +336,10 @@ def _main(args: argparse.Namespace, overrides: list[str], command: str) -> int:
     print("optimized counts: " + ", ".join(f"{k} {v}" for k, v in search.best.counts.items()))
     print(f"wrote {out}; use it with: python run.py sampler=optimized sampler.path={shlex.quote(str(out))} "
           f"{' '.join(shlex.quote(o) for o in overrides)}".rstrip())
-    print("experimental: the predicted damage does not rank languages as measured damage does (README, Predicted "
-          "damage), so --objective worst can choose a mixture far worse than MBS or uniform (it did on the embedded "
-          "default); compress and evaluate the optimized mixture beside MBS and uniform before relying on it")
+    print("experimental: the probes are calibration text, and a language's damage there can differ from its damage "
+          "on other text by more than a change of mixture moves it; on the embedded default --objective worst chased "
+          "the probes' worst language and lost to uniform on the evaluation windows (README, Predicted damage); "
+          "compress and evaluate the optimized mixture beside MBS and uniform before relying on it")
     return 0
 
 
