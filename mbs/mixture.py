@@ -321,7 +321,7 @@ def _main(args: argparse.Namespace, overrides: list[str], command: str) -> int:
     seconds = time.perf_counter() - t0
     setup = {"model": run.model.name, "compressor": {"method": type(run.compressor).__name__.lower(),
                                                     **_fields(run.compressor)},
-             "data": run.data.name, "seed": run.seed, "risk_segments": run.risk.segments,
+             "data": run.data.name, "seed": run.seed, "risk_segments": run.risk.segments, "risk_probe": run.risk.probe,
              "overrides": overrides, "predictions": search.predictions, "probed": search.probed,
              "outcome": search.outcome, "seconds": round(seconds, 1)}
     text = mixture_text(search, problem, command, setup)
