@@ -13,7 +13,8 @@ multiplicative-weights steps (as group DRO weighs groups) on damage extrapolated
 (the anchor's log ratio times the change of each target's output error): each target's weight is multiplied by
 exp(η·g), g its part in the objective (worst: (damage / worst)^16, the worst targets; mean: its damage;
 share-weighted: share × damage), relative to the largest, with η ≤ 1 and every calibration language kept at one
-segment at least; a step that does not lower the objective is undone and η halved. The optimum is then measured on the probes and kept only if it beats the anchor there, so the result is
+segment at least; a step that does not lower the objective is undone and η halved. The optimum is then measured
+on the probes and kept only if it beats the anchor there, so the result is
 never worse on its measured objective than the best starting point. Counts come from the weights by the samplers'
 one rule (largest remainder, mbs/data/sampling.py) and sum to the budget exactly. The counts are written as a
 mixture file that ``python run.py sampler=optimized sampler.path=<file>`` reads.
